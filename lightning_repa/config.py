@@ -1,0 +1,273 @@
+"""Every option of the callback, documented once (SPEC section 10).
+
+`RepaConfig` is the single source of truth: `RepaCallback(**options)` builds one,
+the Hydra app composes one under the `repa` node (choices are Enums, so a wrong
+value is refused by OmegaConf at compose time), and `validate()` checks what a
+type cannot express (ranges, combinations). Checks that need the model (family
+class, block count, batch keys) happen in the callback at fit start.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any, List, Optional
+
+
+class _Choice(str, Enum):
+    """A string enum whose constructor error names the option and the choices."""
+
+    @classmethod
+    def parse(cls, value: Any, option: str) -> "_Choice":
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            choices = ", ".join(repr(c.value) for c in cls)
+            raise ValueError(f"`{option}` must be one of {choices}, got {value!r}") from None
+
+
+class Method(_Choice):
+    repa = "repa"  # image DiTs: one block's image tokens
+    urepa = "urepa"  # UNets: mid-block features, cosine + manifold loss
+    crepa = "crepa"  # video DiTs: per-frame tokens, neighbour frames
+
+
+class Projector(_Choice):
+    linear = "linear"  # LayerNorm(hidden) -> Linear(hidden, enc_dim)
+    mlp = "mlp"  # REPA paper: Linear-SiLU-Linear-SiLU-Linear, width projector_hidden
+    conv = "conv"  # iREPA: Conv2d on the token grid, per frame
+
+
+class Teacher(_Choice):
+    encoder = "encoder"  # frozen vision encoder on the decoded clean image
+    backbone = "backbone"  # a deeper block of the same forward, detached
+
+
+class Decoder(_Choice):
+    vae = "vae"  # the module's resident VAE (`vae_attr`)
+    tae = "tae"  # a tiny autoencoder loaded from `tae_checkpoint`
+    pixels = "pixels"  # the batch already holds clean images (`pixels_key`)
+
+
+class Cache(_Choice):
+    none = "none"
+    memory = "memory"
+    disk = "disk"
+
+
+class ManifoldScope(_Choice):
+    tokens = "tokens"  # token-pair Gram matrices within each sample (seed's form)
+    batch = "batch"  # sample-pair Gram matrix over the batch (U-REPA paper's wording)
+
+
+class DistanceUnit(_Choice):
+    latent = "latent"
+    pixel = "pixel"
+
+
+class ScheduleKind(_Choice):
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
+    polynomial = "polynomial"
+
+
+class ThresholdMode(_Choice):
+    permanent = "permanent"  # once the similarity EMA reaches the threshold, off for good
+    recoverable = "recoverable"  # off while the EMA is at or above the threshold
+
+
+@dataclass
+class RepaConfig:
+    """Options of `RepaCallback` and of the `repa` node of the Hydra app."""
+
+    # --- what to align -------------------------------------------------------
+    family: str = "flux"
+    """Model family (`lightning_repa.families.FAMILIES`): flux, flux2, sd3, chroma, sana,
+    pixart, hidream, auraflow, lumina2. It fixes the block lists, token layout and grid."""
+    method: Optional[Method] = None
+    """repa | urepa | crepa. None takes the family's own method; a method that does not fit
+    the family is an error that names the right one."""
+    denoiser: Optional[str] = None
+    """Dotted path of the denoiser inside the LightningModule (e.g. "model.net"). None
+    searches `denoiser`, `transformer`, `unet`, `model`, in that order."""
+    block_index: Optional[int] = None
+    """0-based index over all transformer blocks in forward order (dual-stream blocks first,
+    then single-stream). None takes the family default (8, or 10 for sana and pixart)."""
+    lam: float = 0.5
+    """Peak weight of the alignment loss (REPA paper: 0.5)."""
+
+    # --- projector -----------------------------------------------------------
+    projector: Projector = Projector.linear
+    """linear (LayerNorm + Linear) | mlp (REPA's 3-layer SiLU MLP) | conv (iREPA)."""
+    projector_hidden: int = 2048
+    """Width of the mlp projector's hidden layers (REPA paper: 2048)."""
+
+    # --- teacher ---------------------------------------------------------------
+    teacher: Teacher = Teacher.encoder
+    """encoder (frozen vision encoder) | backbone (a deeper block, no VAE or encoder)."""
+    teacher_block_index: Optional[int] = None
+    """Backbone teacher's block; must be greater than `block_index`."""
+    encoder: str = "dinov2_vits14"
+    """dinov2_vit{s,b,l,g}14[_reg] or any timm ViT name."""
+    encoder_checkpoint: Optional[str] = None
+    """Local weights file (.pth/.bin/.safetensors) in the official DINOv2 or timm format.
+    None downloads timm's pretrained weights (needs the hub)."""
+    encoder_image_size: int = 224
+    """The encoder sees about (encoder_image_size / patch)^2 tokens, aspect preserved
+    (224 -> 16x16 for DINOv2/14 on square images)."""
+    encoder_batch_size: int = 0
+    """Decode and encode in chunks of this many images (0: the whole batch at once)."""
+
+    # --- decoding the clean latents -----------------------------------------
+    decoder: Decoder = Decoder.vae
+    """vae (the module's VAE) | tae (tiny autoencoder from tae_checkpoint) | pixels (batch
+    holds the clean images, nothing is decoded)."""
+    vae_attr: str = "vae"
+    """Attribute of the LightningModule holding the VAE (dotted paths allowed)."""
+    tae_checkpoint: Optional[str] = None
+    """Tiny autoencoder weights: a taesd-style .pth file or a diffusers AutoencoderTiny
+    directory. Required with decoder=tae."""
+    drop_vae_encoder: bool = False
+    """Free the VAE's encoder at fit start (training on cached latents never encodes)."""
+
+    # --- batch keys ------------------------------------------------------------
+    latents_key: str = "latents"
+    """Batch key of the clean latents in training space, (B, C, h, w) or (B, C, T, h, w)."""
+    pixels_key: str = "pixels"
+    """Batch key of the clean images (B, 3, H, W) or (B, T, 3, H, W), for decoder=pixels."""
+    pixels_range: List[float] = field(default_factory=lambda: [0.0, 1.0])
+    """Value range of the batch's pixels: [0, 1] or [-1, 1]."""
+    ids_key: str = "ids"
+    """Batch key of stable sample ids (needed by the teacher cache)."""
+    cache: Cache = Cache.none
+    """Teacher feature cache: none | memory | disk (keyed by the batch ids)."""
+
+    # --- alignment -------------------------------------------------------------
+    spatial_align: bool = True
+    """True: resample projected tokens to the teacher grid. False: mean-pool both sides to
+    one token per frame."""
+    manifold_weight: float = 3.0
+    """U-REPA manifold term weight (an explicit 0 means 0)."""
+    manifold_scope: ManifoldScope = ManifoldScope.tokens
+    """tokens | batch (see `losses.manifold_loss`)."""
+    distance: int = 1
+    """CREPA neighbour distance (0: per-frame REPA)."""
+    tau: float = 1.0
+    """CREPA neighbour weight temperature: w_k = exp(-k / tau)."""
+    cumulative_neighbours: bool = False
+    """CREPA: use all distances 1..d instead of d alone."""
+    normalize_neighbours: bool = False
+    """CREPA: divide each frame's score by 1 + the sum of the neighbour weights applied."""
+    normalize_by_frames: bool = True
+    """CREPA: average the per-frame scores over frames instead of summing."""
+    distance_unit: DistanceUnit = DistanceUnit.latent
+    """CREPA: `distance` counted in latent frames or in pixel frames."""
+    irepa: bool = False
+    """iREPA: conv projector and spatially z-scored teacher features."""
+    irepa_alpha: float = 0.6
+    """iREPA: how much of the token mean is removed from the teacher features."""
+    irepa_kernel_size: int = 3
+    """iREPA: kernel size of the conv projector (odd)."""
+
+    # --- weight schedule and cutoff -------------------------------------------
+    schedule: ScheduleKind = ScheduleKind.constant
+    """constant | linear | cosine | polynomial decay after warm-up."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to lam over this many optimizer steps."""
+    decay_steps: int = 0
+    """Decay length after warm-up; 0 decays until the trainer's max_steps."""
+    lambda_end: float = 0.0
+    """Weight at the end of the decay."""
+    power: float = 1.0
+    """Exponent of the polynomial schedule."""
+    cutoff_step: int = 0
+    """Weight 0 from this optimizer step on (0: never)."""
+    similarity_threshold: Optional[float] = None
+    """Switch the loss off when the similarity EMA reaches this value (None: never)."""
+    similarity_ema_decay: float = 0.99
+    """Decay of the similarity EMA (updated once per optimizer step)."""
+    threshold_mode: ThresholdMode = ThresholdMode.permanent
+    """permanent | recoverable."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> "RepaConfig":
+        """Parse choices, check ranges and combinations; return self."""
+        for f in fields(self):
+            kind = _ENUM_FIELDS.get(f.name)
+            value = getattr(self, f.name)
+            if kind is not None and value is not None:
+                setattr(self, f.name, kind.parse(value, f.name))
+        _require(self.lam >= 0, "lam", self.lam, "a weight >= 0")
+        _require(self.block_index is None or self.block_index >= 0, "block_index", self.block_index, ">= 0")
+        _require(self.projector_hidden > 0, "projector_hidden", self.projector_hidden, "> 0")
+        _require(self.encoder_image_size > 0, "encoder_image_size", self.encoder_image_size, "> 0")
+        _require(self.encoder_batch_size >= 0, "encoder_batch_size", self.encoder_batch_size, ">= 0 (0: whole batch)")
+        _require(self.manifold_weight >= 0, "manifold_weight", self.manifold_weight, ">= 0")
+        _require(self.distance >= 0, "distance", self.distance, ">= 0")
+        _require(self.tau > 0, "tau", self.tau, "> 0")
+        _require(0 <= self.irepa_alpha <= 1, "irepa_alpha", self.irepa_alpha, "in [0, 1]")
+        _require(self.irepa_kernel_size % 2 == 1, "irepa_kernel_size", self.irepa_kernel_size, "odd")
+        _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
+        _require(self.decay_steps >= 0, "decay_steps", self.decay_steps, ">= 0 (0: until max_steps)")
+        _require(self.lambda_end >= 0, "lambda_end", self.lambda_end, ">= 0")
+        _require(self.power > 0, "power", self.power, "> 0")
+        _require(self.cutoff_step >= 0, "cutoff_step", self.cutoff_step, ">= 0 (0: never)")
+        _require(0 < self.similarity_ema_decay < 1, "similarity_ema_decay", self.similarity_ema_decay, "in (0, 1)")
+        _require(
+            self.similarity_threshold is None or -1 <= self.similarity_threshold <= 1,
+            "similarity_threshold", self.similarity_threshold, "a cosine similarity in [-1, 1] or None",
+        )
+        self.pixels_range = [float(v) for v in self.pixels_range]
+        _require(self.pixels_range in ([0.0, 1.0], [-1.0, 1.0]), "pixels_range", self.pixels_range, "[0, 1] or [-1, 1]")
+        if self.teacher is Teacher.backbone:
+            if self.teacher_block_index is None:
+                raise ValueError("`teacher=backbone` needs `teacher_block_index` (a block deeper than `block_index`)")
+            if self.block_index is not None and self.teacher_block_index <= self.block_index:
+                raise ValueError(
+                    f"`teacher_block_index` ({self.teacher_block_index}) must be greater than `block_index` "
+                    f"({self.block_index}): a teacher at or before the student block aligns nothing"
+                )
+        elif self.teacher_block_index is not None:
+            raise ValueError("`teacher_block_index` is only used with `teacher=backbone`; remove it or set teacher=backbone")
+        if self.decoder is Decoder.tae and not self.tae_checkpoint:
+            raise ValueError("`decoder=tae` needs `tae_checkpoint` (a taesd .pth file or an AutoencoderTiny directory)")
+        if self.irepa and self.projector is Projector.mlp:
+            raise ValueError("`irepa=True` uses the conv projector; drop `projector=mlp` (or set irepa=False)")
+        if self.irepa:
+            self.projector = Projector.conv
+        return self
+
+    @classmethod
+    def from_options(cls, **options: Any) -> "RepaConfig":
+        """Like `RepaConfig(**options)`, but an unknown option names the closest valid one."""
+        valid = [f.name for f in fields(cls)]
+        for key in options:
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f"; did you mean `{close[0]}`?" if close else ""
+                raise TypeError(f"unknown RepaCallback option `{key}`{hint} (options: {', '.join(valid)})")
+        return cls(**options)
+
+
+_ENUM_FIELDS = {
+    "method": Method,
+    "projector": Projector,
+    "teacher": Teacher,
+    "decoder": Decoder,
+    "cache": Cache,
+    "manifold_scope": ManifoldScope,
+    "distance_unit": DistanceUnit,
+    "schedule": ScheduleKind,
+    "threshold_mode": ThresholdMode,
+}
+
+
+def _require(ok: bool, option: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"`{option}` must be {expected}, got {value!r}")

@@ -1,0 +1,166 @@
+"""From the batch's clean latents to clean images in [0, 1] (SPEC section 4): no Lightning.
+
+The latents arrive in the *training space* of the family (scaled, shifted, normalised,
+patchified, exactly as diffusers training scripts cache them). A decoder first undoes that
+transform to get the raw VAE latents (`to_raw_latents`), then decodes:
+
+- `vae`: the full VAE, `vae.decode(raw).sample` in [-1, 1];
+- `tae`: a tiny autoencoder distilled on the raw latents (FLUX.2's TAEF2 from a taesd .pth
+  file, or a diffusers `AutoencoderTiny` directory), with its own output convention;
+- `pixels`: nothing to decode, the batch holds the images.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_repa.config import Decoder
+
+LatentTransform = Callable[[Tensor, Any], Tensor]
+
+
+def _cfg(vae: Any, key: str) -> Any:
+    config = getattr(vae, "config", None)
+    return getattr(config, key, None) if config is not None else None
+
+
+def _kl_to_raw(z: Tensor, vae: Any) -> Tensor:
+    """SD/SDXL/SD3/FLUX.1/Sana: `z * std / sf + mean` where the VAE defines latents_mean/std,
+    else `z / sf + shift` (pipeline_flux.py, pipeline_stable_diffusion_3.py)."""
+    if vae is None:
+        raise ValueError("undoing the latent scaling needs the VAE's config: attach the VAE (`vae_attr`)")
+    sf = _cfg(vae, "scaling_factor") or 1.0
+    mean, std = _cfg(vae, "latents_mean"), _cfg(vae, "latents_std")
+    if mean is not None and std is not None:
+        shape = (1, -1) + (1,) * (z.dim() - 2)
+        mean = torch.as_tensor(mean, dtype=z.dtype, device=z.device).view(shape)
+        std = torch.as_tensor(std, dtype=z.dtype, device=z.device).view(shape)
+        return z * std / sf + mean
+    return z / sf + (_cfg(vae, "shift_factor") or 0.0)
+
+
+def unpatchify_2x2(z: Tensor) -> Tensor:
+    """(B, 4C, h, w) -> (B, C, 2h, 2w), the inverse of FLUX.2's `_patchify_latents`."""
+    b, c4, h, w = z.shape
+    z = z.reshape(b, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3)  # (B, C, h, 2, w, 2)
+    return z.reshape(b, c4 // 4, 2 * h, 2 * w)
+
+
+def patchify_2x2(z: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, 4C, H/2, W/2), FLUX.2's `_patchify_latents`."""
+    b, c, h, w = z.shape
+    z = z.view(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)  # (B, C, 2, 2, H/2, W/2)
+    return z.reshape(b, c * 4, h // 2, w // 2)
+
+
+def _flux2_stats(vae: Any, like: Tensor) -> tuple[Tensor, Tensor]:
+    bn = getattr(vae, "bn", None)
+    if bn is None or getattr(bn, "running_mean", None) is None:
+        raise ValueError(
+            "FLUX.2 latents are normalised with the VAE's BatchNorm statistics (`vae.bn`): attach the "
+            "AutoencoderKLFlux2 (or any object with its `bn`) at `vae_attr`, also with decoder=tae"
+        )
+    eps = _cfg(vae, "batch_norm_eps") or bn.eps
+    mean = bn.running_mean.view(1, -1, 1, 1).to(like)
+    std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + eps).to(like)
+    return mean, std
+
+
+def _flux2_to_raw(z: Tensor, vae: Any) -> Tensor:
+    """FLUX.2 (pipeline_flux2.py): `z * sqrt(var + eps) + mean`, then unpatchify 2x2."""
+    mean, std = _flux2_stats(vae, z)
+    return unpatchify_2x2(z * std + mean)  # (B, C, 2h, 2w)
+
+
+def flux2_from_raw(raw: Tensor, vae: Any) -> Tensor:
+    """Raw FLUX.2 latents (B, C, H, W) -> training space (B, 4C, H/2, W/2) (for tests and data prep)."""
+    z = patchify_2x2(raw)
+    mean, std = _flux2_stats(vae, z)
+    return (z - mean) / std
+
+
+LATENT_FORMATS: dict[str, LatentTransform] = {"kl": _kl_to_raw, "flux2": _flux2_to_raw}
+
+
+def to_raw_latents(z: Tensor, latent_format: str, vae: Any) -> Tensor:
+    """Undo the family's training-space transform: training latents -> raw VAE latents."""
+    if latent_format not in LATENT_FORMATS:
+        raise ValueError(f"unknown latent format {latent_format!r}; known: {sorted(LATENT_FORMATS)}")
+    return LATENT_FORMATS[latent_format](z, vae)
+
+
+class LatentDecoder(nn.Module):
+    """Frozen `latents -> images (B, 3, H, W) in [0, 1]` for one family and decoder kind.
+
+    `vae` is only read (config, BatchNorm stats) and used for decoding with decoder=vae; it is
+    not registered as a submodule, so it is neither checkpointed nor DDP-wrapped by us.
+    """
+
+    def __init__(self, kind: Decoder, latent_format: str, vae: Any = None, tae: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.kind = Decoder.parse(kind, "decoder")
+        self.latent_format = latent_format
+        self._vae = [vae]  # a list hides it from nn.Module registration
+        self.tae = tae
+        if self.kind is Decoder.vae and vae is None:
+            raise ValueError("decoder=vae needs the VAE on the LightningModule (`vae_attr`)")
+        if self.kind is Decoder.tae and tae is None:
+            raise ValueError("decoder=tae needs a tiny autoencoder (`tae_checkpoint`)")
+        if latent_format not in LATENT_FORMATS:
+            raise ValueError(f"unknown latent format {latent_format!r}; known: {sorted(LATENT_FORMATS)}")
+
+    @property
+    def vae(self) -> Any:
+        return self._vae[0]
+
+    @torch.no_grad()
+    def forward(self, latents: Tensor) -> Tensor:
+        raw = to_raw_latents(latents, self.latent_format, self.vae)
+        if self.kind is Decoder.vae:
+            raw = raw.to(next(self.vae.parameters()).dtype)
+            images = (self.vae.decode(raw).sample.float() + 1) / 2  # [-1, 1] -> [0, 1]
+        else:
+            images = _tae_decode(self.tae, raw)
+        return images.clamp(0, 1)
+
+
+def _tae_decode(tae: nn.Module, raw: Tensor) -> Tensor:
+    """TAEF2 returns [0, 1]; a diffusers AutoencoderTiny returns [-1, 1] from `decode`."""
+    if hasattr(tae, "decode"):
+        return (tae.decode(raw).sample.float() + 1) / 2
+    return tae(raw.float()).float()
+
+
+def load_tiny_decoder(path: str | os.PathLike, latent_format: str) -> nn.Module:
+    """The tiny decoder named by `tae_checkpoint`, frozen.
+
+    A directory is a diffusers `AutoencoderTiny` (`from_pretrained`, local files only); a file
+    is a taesd-style state dict of the family's own tiny decoder (FLUX.2: TAEF2).
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"`tae_checkpoint` {path!r} does not exist")
+    if os.path.isdir(path):
+        from diffusers import AutoencoderTiny
+
+        tae = AutoencoderTiny.from_pretrained(path, local_files_only=True)
+    elif latent_format == "flux2":
+        from lightning_repa.taef2 import load_tae
+
+        tae = load_tae(path, "taef2_decoder")
+    else:
+        raise ValueError(
+            f"`tae_checkpoint` {path!r} is a file, but only FLUX.2's TAEF2 is read from a taesd .pth file; "
+            "for this family give a diffusers AutoencoderTiny directory (e.g. a saved madebyollin/taesd3)"
+        )
+    return tae.eval().requires_grad_(False)
+
+
+def pixels_to_unit(pixels: Tensor, pixels_range: tuple[float, float] | list[float]) -> Tensor:
+    """Batch images in `pixels_range` ([0, 1] or [-1, 1]) -> [0, 1]."""
+    lo, hi = float(pixels_range[0]), float(pixels_range[1])
+    return ((pixels.float() - lo) / (hi - lo)).clamp(0, 1)

@@ -1,0 +1,158 @@
+"""Model families as data (SPEC sections 3 and 9): which blocks exist, in which order, what
+each returns, where the image tokens sit, and the token grid. No Lightning.
+
+A family is a declarative entry; the capture code never branches on a family name. Each
+entry was checked against the real diffusers class (tests/test_families.py).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_repa.config import Method
+
+Grid = tuple[int, int]
+# (block output, number of image tokens, the denoiser call's arguments) -> (B, N, D)
+TokenSelector = Callable[[Tensor, int, dict[str, Any]], Tensor]
+
+
+def _all(x: Tensor, n: int, call: dict[str, Any]) -> Tensor:
+    return x
+
+
+def _first(x: Tensor, n: int, call: dict[str, Any]) -> Tensor:
+    return x[:, :n]  # image tokens first, then text (and padding)
+
+
+def _last(x: Tensor, n: int, call: dict[str, Any]) -> Tensor:
+    return x[:, -n:]  # text (and register) tokens first, image tokens last
+
+
+def _after_caption(x: Tensor, n: int, call: dict[str, Any]) -> Tensor:
+    """Lumina2's joint blocks: per sample [caption (mask.sum()), image, padding]."""
+    mask = call.get("encoder_attention_mask")
+    if mask is None:
+        raise ValueError("lumina2: the denoiser was called without `encoder_attention_mask`; the image offset is unknown")
+    offsets = mask.bool().sum(dim=1).tolist()  # caption length per sample
+    return torch.stack([x[b, o : o + n] for b, o in enumerate(offsets)])  # (B, N, D)
+
+
+@dataclass(frozen=True)
+class BlockList:
+    """One `nn.ModuleList` of blocks and how to read the image stream from its outputs."""
+
+    attr: str
+    output: Optional[int] = None  # tuple element holding the image stream; None: a tensor
+    select: TokenSelector = _all  # where the image tokens sit in that stream
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    method: Method
+    classes: tuple[str, ...]  # diffusers class names (or base names) of the denoiser
+    blocks: tuple[BlockList, ...]  # in forward order
+    default_block_index: int
+    pack: int = 1  # spatial packing done by the pipeline before the transformer (flux: 2x2)
+    latent_format: str = "kl"  # how to undo the training-space transform (decoders.LATENT_FORMATS)
+
+    # --- structure ---------------------------------------------------------
+    def check_class(self, model: nn.Module) -> None:
+        names = {cls.__name__ for cls in type(model).__mro__}
+        if not names & set(self.classes):
+            owner = [f.name for f in FAMILIES.values() if names & set(f.classes)]
+            hint = f"; it belongs to family {owner[0]!r}: set family={owner[0]}" if owner else ""
+            raise ValueError(
+                f"family={self.name!r} expects a denoiser of class {' or '.join(self.classes)}, "
+                f"got {type(model).__name__}{hint}"
+            )
+
+    def block_modules(self, model: nn.Module) -> list[tuple[BlockList, nn.Module]]:
+        """All blocks in forward order, each with the list it came from."""
+        out = []
+        for spec in self.blocks:
+            blocks = getattr(model, spec.attr, None)
+            if not isinstance(blocks, nn.ModuleList):
+                raise ValueError(f"family={self.name!r}: {type(model).__name__} has no block list `{spec.attr}`")
+            out.extend((spec, block) for block in blocks)
+        return out
+
+    def hidden_size(self, model: nn.Module) -> int:
+        """Width of the residual stream of the blocks."""
+        config = getattr(model, "config", None)
+        for key in ("hidden_size", "model_dim"):
+            if getattr(config, key, None):
+                return int(getattr(config, key))
+        inner = getattr(model, "inner_dim", None)
+        if inner:
+            return int(inner)
+        return int(config.num_attention_heads * config.attention_head_dim)
+
+    # --- geometry ----------------------------------------------------------
+    def patch_hw(self, model: nn.Module) -> Grid:
+        patch = getattr(model.config, "patch_size", 1) or 1
+        if isinstance(patch, (tuple, list)):
+            patch = patch[-2:] if len(patch) >= 2 else (patch[0], patch[0])
+            return int(patch[0]) * self.pack, int(patch[1]) * self.pack
+        return int(patch) * self.pack, int(patch) * self.pack
+
+    def grid(self, latent_shape: torch.Size | tuple[int, ...], model: nn.Module) -> Grid:
+        """Token grid (h', w') of the image stream for training latents (B, C, h, w)."""
+        if len(latent_shape) != 4:
+            raise ValueError(
+                f"family={self.name!r} expects spatial latents (B, C, h, w) in the batch, got shape "
+                f"{tuple(latent_shape)}; cache unpacked latents (pack them in training_step)"
+            )
+        h, w = latent_shape[-2:]
+        ph, pw = self.patch_hw(model)
+        if h % ph or w % pw:
+            raise ValueError(
+                f"family={self.name!r}: latents of size {h}x{w} are not divisible by the patch/packing size {ph}x{pw}"
+            )
+        return h // ph, w // pw
+
+
+def call_arguments(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of one `module(*args, **kwargs)` call by name."""
+    try:
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+    except TypeError:
+        return dict(kwargs)
+    return dict(bound.arguments)
+
+
+_DIT = Method.repa
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family("flux", _DIT, ("FluxTransformer2DModel",),
+               (BlockList("transformer_blocks", 1), BlockList("single_transformer_blocks", 1)), 8, pack=2),
+        Family("chroma", _DIT, ("ChromaTransformer2DModel",),
+               (BlockList("transformer_blocks", 1), BlockList("single_transformer_blocks", None, _last)), 8, pack=2),
+        Family("flux2", _DIT, ("Flux2Transformer2DModel",),
+               (BlockList("transformer_blocks", 1), BlockList("single_transformer_blocks", None, _last)), 8,
+               latent_format="flux2"),
+        Family("sd3", _DIT, ("SD3Transformer2DModel",), (BlockList("transformer_blocks", 1),), 8),
+        Family("auraflow", _DIT, ("AuraFlowTransformer2DModel",),
+               (BlockList("joint_transformer_blocks", 1), BlockList("single_transformer_blocks", None, _last)), 8),
+        Family("hidream", _DIT, ("HiDreamImageTransformer2DModel",),
+               (BlockList("double_stream_blocks", 0, _first), BlockList("single_stream_blocks", None, _first)), 8),
+        Family("lumina2", _DIT, ("Lumina2Transformer2DModel",), (BlockList("layers", None, _after_caption),), 8),
+        Family("sana", _DIT, ("SanaTransformer2DModel",), (BlockList("transformer_blocks"),), 10),
+        Family("pixart", _DIT, ("PixArtTransformer2DModel",), (BlockList("transformer_blocks"),), 10),
+    )
+}
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        close = difflib.get_close_matches(str(name), list(FAMILIES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown `family` {name!r}{hint} (known: {', '.join(FAMILIES)})")
+    return FAMILIES[name]

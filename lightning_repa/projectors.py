@@ -1,0 +1,70 @@
+"""Trainable projectors from the denoiser's hidden size to the teacher's (SPEC section 5).
+
+All variants share one signature, `forward(x, hw) -> y` with x (B, N, hidden) row-major on
+the grid `hw` and y (B, N, out_dim), so they swap freely. They run in float32 with autocast
+off, whatever the trainer's precision.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_repa.align import Grid, map_to_tokens, tokens_to_map
+
+
+class _Float32(nn.Module):
+    """Runs `self.body` in float32 with autocast disabled."""
+
+    body: nn.Module
+
+    def forward(self, x: Tensor, hw: Grid) -> Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._run(x.float(), hw)
+
+    def _run(self, x: Tensor, hw: Grid) -> Tensor:
+        return self.body(x)
+
+
+class LinearProjector(_Float32):
+    """LayerNorm(hidden) -> Linear(hidden, out_dim): the default."""
+
+    def __init__(self, hidden: int, out_dim: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, out_dim))
+
+
+class MLPProjector(_Float32):
+    """REPA paper: Linear(h, w) - SiLU - Linear(w, w) - SiLU - Linear(w, out_dim)."""
+
+    def __init__(self, hidden: int, out_dim: int, width: int = 2048) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(hidden, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, out_dim)
+        )
+
+
+class ConvProjector(_Float32):
+    """iREPA: Conv2d(hidden, out_dim, k, same padding) on the token grid, per frame."""
+
+    def __init__(self, hidden: int, out_dim: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(hidden, out_dim, kernel_size, padding=kernel_size // 2)
+
+    def _run(self, x: Tensor, hw: Grid) -> Tensor:
+        lead = x.shape[:-2]
+        flat = x.reshape(-1, *x.shape[-2:])  # (B*T, N, hidden)
+        y = map_to_tokens(self.body(tokens_to_map(flat, hw)))  # (B*T, N, out_dim)
+        return y.reshape(*lead, *y.shape[-2:])
+
+
+def build_projector(kind: str, hidden: int, out_dim: int, width: int = 2048, kernel_size: int = 3) -> nn.Module:
+    """The projector named by the `projector` option: linear | mlp | conv."""
+    kind = getattr(kind, "value", kind)
+    if kind == "linear":
+        return LinearProjector(hidden, out_dim)
+    if kind == "mlp":
+        return MLPProjector(hidden, out_dim, width)
+    if kind == "conv":
+        return ConvProjector(hidden, out_dim, kernel_size)
+    raise ValueError(f"`projector` must be 'linear', 'mlp' or 'conv', got {kind!r}")
