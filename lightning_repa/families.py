@@ -34,6 +34,14 @@ def _last(x: Tensor, n: int, call: dict[str, Any]) -> Tensor:
     return x[:, -n:]  # text (and register) tokens first, image tokens last
 
 
+def _after_text(x: Tensor, n: int, call: dict[str, Any]) -> Tensor:
+    """[text L, image N, reference-image tokens (edit pipelines append them)...]."""
+    text = call.get("encoder_hidden_states")
+    if text is None:
+        raise ValueError("the denoiser was called without `encoder_hidden_states`; the image offset is unknown")
+    return x[:, text.shape[1] : text.shape[1] + n]
+
+
 def _after_caption(x: Tensor, n: int, call: dict[str, Any]) -> Tensor:
     """Lumina2's joint blocks: per sample [caption (mask.sum()), image, padding]."""
     mask = call.get("encoder_attention_mask")
@@ -131,13 +139,17 @@ _DIT = Method.repa
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
+        # The image stream of flux-like models may carry reference-image tokens after the
+        # N noisy ones (Kontext / FLUX.2 editing): take the first N, never the last.
         Family("flux", _DIT, ("FluxTransformer2DModel",),
-               (BlockList("transformer_blocks", 1), BlockList("single_transformer_blocks", 1)), 8, pack=2),
+               (BlockList("transformer_blocks", 1, _first), BlockList("single_transformer_blocks", 1, _first)), 8,
+               pack=2),
         Family("chroma", _DIT, ("ChromaTransformer2DModel",),
-               (BlockList("transformer_blocks", 1), BlockList("single_transformer_blocks", None, _last)), 8, pack=2),
+               (BlockList("transformer_blocks", 1, _first), BlockList("single_transformer_blocks", None, _after_text)),
+               8, pack=2),
         Family("flux2", _DIT, ("Flux2Transformer2DModel",),
-               (BlockList("transformer_blocks", 1), BlockList("single_transformer_blocks", None, _last)), 8,
-               latent_format="flux2"),
+               (BlockList("transformer_blocks", 1, _first), BlockList("single_transformer_blocks", None, _after_text)),
+               8, latent_format="flux2"),
         Family("sd3", _DIT, ("SD3Transformer2DModel",), (BlockList("transformer_blocks", 1),), 8),
         Family("auraflow", _DIT, ("AuraFlowTransformer2DModel",),
                (BlockList("joint_transformer_blocks", 1), BlockList("single_transformer_blocks", None, _last)), 8),

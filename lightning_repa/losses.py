@@ -14,6 +14,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _full(x: Tensor) -> Tensor:
+    """At least float32: half-precision tokens are promoted, float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _check_pair(p: Tensor, f: Tensor, name: str) -> None:
     if p.shape != f.shape:
         raise ValueError(f"{name}: student and teacher tokens must have the same shape, got {tuple(p.shape)} and {tuple(f.shape)}")
@@ -25,7 +30,7 @@ def token_cosine(p: Tensor, f: Tensor) -> Tensor:
     `token_cosine(p, f) = mean_n <p_n/|p_n|, f_n/|f_n|>`; inputs (..., N, D), output (...).
     """
     _check_pair(p, f, "token_cosine")
-    return F.cosine_similarity(p.float(), f.float(), dim=-1, eps=1e-8).mean(dim=-1)
+    return F.cosine_similarity(_full(p), _full(f), dim=-1, eps=1e-8).mean(dim=-1)
 
 
 def manifold_loss(p: Tensor, f: Tensor, scope: str = "tokens") -> Tensor:
@@ -40,8 +45,8 @@ def manifold_loss(p: Tensor, f: Tensor, scope: str = "tokens") -> Tensor:
     _check_pair(p, f, "manifold_loss")
     if p.dim() != 3:
         raise ValueError(f"manifold_loss expects (B, N, D) tokens, got {tuple(p.shape)}")
-    p_hat = F.normalize(p.float(), dim=-1)  # (B, N, D)
-    f_hat = F.normalize(f.float(), dim=-1)
+    p_hat = F.normalize(_full(p), dim=-1)  # (B, N, D)
+    f_hat = F.normalize(_full(f), dim=-1)
     if scope == "tokens":
         gram_p = p_hat @ p_hat.transpose(1, 2)  # (B, N, N)
         gram_f = f_hat @ f_hat.transpose(1, 2)
@@ -77,8 +82,8 @@ def crepa_scores(
     if distance < 0 or tau <= 0:
         raise ValueError(f"crepa_scores needs distance >= 0 and tau > 0, got {distance} and {tau}")
     n_frames = p.shape[1]
-    p_hat = F.normalize(p.float(), dim=-1)  # (B, T, N, D)
-    f_hat = F.normalize(f.float(), dim=-1)
+    p_hat = F.normalize(_full(p), dim=-1)  # (B, T, N, D)
+    f_hat = F.normalize(_full(f), dim=-1)
     self_sim = (p_hat * f_hat).sum(-1).mean(-1)  # (B, T)
     score = self_sim.clone()
     applied = torch.ones(n_frames, dtype=score.dtype, device=score.device)  # (T,) weight sum per frame

@@ -1,0 +1,339 @@
+"""Tiny random denoisers of the nine image DiT families, for tests, notebooks and benchmarks.
+
+Each entry of `TINY_FAMILIES` builds the real diffusers class with a tiny config (hidden
+size 32, 3-4 transformer blocks, milliseconds per step on CPU) and knows how to call it
+the way a diffusers training script does:
+
+    fam = TINY_FAMILIES["flux"]
+    model = fam.build(seed=0)
+    x_t = torch.randn(2, fam.latent_channels, 8, 16)        # (B, C, h, w), training space
+    cond = fam.make_cond(batch_size=2, seed=0)
+    pred = fam.forward(model, x_t, torch.rand(2), cond)     # (B, C, h, w), same as x_t
+
+Latents are always spatial (B, C, h, w), as training scripts cache them:
+- flux, chroma: the unpacked VAE latent; `forward` packs 2x2 patches into tokens
+  (`FluxPipeline._pack_latents`), so the token grid is (h/2, w/2).
+- flux2: the already patchified and batch-normalised latent; one position is one token,
+  so the token grid is (h, w).
+- sd3, sana, pixart, hidream, auraflow, lumina2: the model patchifies with its own
+  `patch_size`; the token grid is (h/p, w/p).
+
+`t` is the noise level in [0, 1] (flow matching sigma, 1 = pure noise); `forward` maps it
+to each class's convention, as its pipeline does (x1000, or 1 - t for lumina2). The output
+is the raw model prediction (no sign flip; pixart's learned-sigma channels are dropped).
+
+Size limits of the tiny configs: sd3 and auraflow take token grids up to 16x16 (latents up
+to 32x32, from `pos_embed_max_size`), hidream non-square latents up to h*w = 1024 (they are
+zero-padded to `max_seq` = 256 tokens), lumina2 grids up to 64x64 (`axes_lens`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from diffusers import (
+    AuraFlowTransformer2DModel,
+    ChromaTransformer2DModel,
+    Flux2Transformer2DModel,
+    FluxTransformer2DModel,
+    HiDreamImageTransformer2DModel,
+    Lumina2Transformer2DModel,
+    PixArtTransformer2DModel,
+    SanaTransformer2DModel,
+    SD3Transformer2DModel,
+)
+from torch import Tensor, nn
+
+Cond = dict[str, Tensor]
+
+TEXT_LEN = 5  # L: text tokens per sample
+TEXT_DIM = 32  # width of every random text embedding
+HIDREAM_LLAMA_LAYERS = 4  # one llama3 layer per hidream block (2 double + 2 single)
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """A tiny config of one diffusers DiT class and how to run it on spatial latents."""
+
+    name: str
+    model_class: type[nn.Module]
+    config: dict[str, Any] = field(repr=False)
+    latent_channels: int  # C of the training-space latent (B, C, h, w)
+    patch: int  # latent pixels per token side: token grid = (h // patch, w // patch)
+    cond_fn: Callable[[int, torch.Generator], Cond] = field(repr=False)
+    forward_fn: Callable[[nn.Module, Tensor, Tensor, Cond], Tensor] = field(repr=False)
+
+    def build(self, seed: int = 0) -> nn.Module:
+        """The diffusers model with random weights from `seed`; the global RNG is untouched."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.model_class(**self.config)
+
+    def make_cond(self, batch_size: int, seed: int = 0) -> Cond:
+        """Random but deterministic conditioning (text embeddings, ids, masks)."""
+        return self.cond_fn(batch_size, torch.Generator().manual_seed(seed))
+
+    def forward(self, model: nn.Module, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        """Prediction for noisy latents x_t (B, C, h, w) at noise levels t (B,) in [0, 1]."""
+        return self.forward_fn(model, x_t, t, cond)
+
+    def token_grid(self, h: int, w: int) -> tuple[int, int]:
+        """The (rows, cols) of image tokens for a latent of spatial size (h, w)."""
+        return h // self.patch, w // self.patch
+
+
+# ---------------------------------------------------------------- conditioning
+
+
+def _text(g: torch.Generator, *shape: int) -> Tensor:
+    return torch.randn(*shape, generator=g)
+
+
+def _cond_flux(b: int, g: torch.Generator) -> Cond:
+    return {
+        "encoder_hidden_states": _text(g, b, TEXT_LEN, TEXT_DIM),  # (B, L, 32)
+        "pooled_projections": _text(g, b, TEXT_DIM),  # (B, 32)
+        "txt_ids": torch.zeros(TEXT_LEN, 3),  # (L, 3)
+    }
+
+
+def _cond_chroma(b: int, g: torch.Generator) -> Cond:
+    return {
+        "encoder_hidden_states": _text(g, b, TEXT_LEN, TEXT_DIM),  # (B, L, 32)
+        "txt_ids": torch.zeros(TEXT_LEN, 3),  # (L, 3)
+    }
+
+
+def _cond_flux2(b: int, g: torch.Generator) -> Cond:
+    # text position ids (t, h, w, l) = (0, 0, 0, l), as Flux2Pipeline._prepare_text_ids
+    txt_ids = torch.cartesian_prod(*(torch.arange(n) for n in (1, 1, 1, TEXT_LEN)))  # (L, 4)
+    return {"encoder_hidden_states": _text(g, b, TEXT_LEN, TEXT_DIM), "txt_ids": txt_ids}
+
+
+def _cond_text_pooled(b: int, g: torch.Generator) -> Cond:
+    return {
+        "encoder_hidden_states": _text(g, b, TEXT_LEN, TEXT_DIM),  # (B, L, 32)
+        "pooled_projections": _text(g, b, TEXT_DIM),  # (B, 32)
+    }
+
+
+def _cond_text(b: int, g: torch.Generator) -> Cond:
+    return {"encoder_hidden_states": _text(g, b, TEXT_LEN, TEXT_DIM)}  # (B, L, 32)
+
+
+def _cond_hidream(b: int, g: torch.Generator) -> Cond:
+    return {
+        "encoder_hidden_states_t5": _text(g, b, TEXT_LEN, TEXT_DIM),  # (B, L, 32)
+        "encoder_hidden_states_llama3": _text(g, HIDREAM_LLAMA_LAYERS, b, TEXT_LEN, TEXT_DIM),  # (4,B,L,32)
+        "pooled_embeds": _text(g, b, TEXT_DIM),  # (B, 32)
+    }
+
+
+def _cond_lumina2(b: int, g: torch.Generator) -> Cond:
+    # ragged captions: valid lengths 5, 3, 5, 3, ... (left-aligned, as tokenizers pad right)
+    lengths = torch.tensor([TEXT_LEN - 2 * (i % 2) for i in range(b)])
+    mask = torch.arange(TEXT_LEN)[None] < lengths[:, None]  # (B, L) bool
+    return {"encoder_hidden_states": _text(g, b, TEXT_LEN, TEXT_DIM), "encoder_attention_mask": mask}
+
+
+# ---------------------------------------------------------------- forwards
+
+
+def _grid_ids(gh: int, gw: int) -> Tensor:
+    """(gh*gw, 3) position ids (0, row, col), row-major, as FluxPipeline._prepare_latent_image_ids."""
+    ids = torch.zeros(gh, gw, 3)
+    ids[..., 1] = torch.arange(gh)[:, None]
+    ids[..., 2] = torch.arange(gw)[None, :]
+    return ids.reshape(gh * gw, 3)
+
+
+def pack2x2(x: Tensor) -> Tensor:
+    """(B, C, h, w) -> (B, h/2 * w/2, 4C), as FluxPipeline._pack_latents."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (B, h/2, w/2, C, 2, 2)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack2x2(tokens: Tensor, h: int, w: int) -> Tensor:
+    """(B, h/2 * w/2, 4C) -> (B, C, h, w), as FluxPipeline._unpack_latents."""
+    b, _, c4 = tokens.shape
+    x = tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # (B, C, h/2, 2, w/2, 2)
+    return x.reshape(b, c4 // 4, h, w)
+
+
+def _forward_flux(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    h, w = x.shape[-2:]
+    out = model(
+        hidden_states=pack2x2(x),  # (B, N, 4C)
+        img_ids=_grid_ids(h // 2, w // 2).to(x),  # (N, 3)
+        timestep=t,  # the model multiplies by 1000
+        return_dict=False,
+        **cond,
+    )[0]  # (B, N, 4C)
+    return unpack2x2(out, h, w)
+
+
+def _forward_flux2(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    b, c, h, w = x.shape
+    tokens = x.reshape(b, c, h * w).transpose(1, 2)  # (B, N, C), as Flux2Pipeline._pack_latents
+    img_ids = torch.cartesian_prod(*(torch.arange(n, device=x.device) for n in (1, h, w, 1)))  # (N, 4)
+    out = model(hidden_states=tokens, img_ids=img_ids, timestep=t, return_dict=False, **cond)[0]  # (B, N, C)
+    return out.transpose(1, 2).reshape(b, c, h, w)
+
+
+def _forward_sd3_sana(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    return model(hidden_states=x, timestep=t * 1000, return_dict=False, **cond)[0]  # (B, C, h, w)
+
+
+def _forward_pixart(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    out = model(hidden_states=x, timestep=t * 1000, return_dict=False, **cond)[0]  # (B, 2C, h, w)
+    return out[:, : x.shape[1]]  # drop the learned-sigma channels
+
+
+def _forward_hidream(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    b, c, h, w = x.shape
+    p = model.config.patch_size
+    out = model(hidden_states=x, timesteps=t * 1000, return_dict=False, **cond)[0]
+    if not model.training or model.config.force_inference_output:
+        return out  # already unpatchified: (B, C, h, w)
+    # train mode: (B, C, S, p*p), S = (h/p)(w/p) tokens, or max_seq zero-padded ones if h != w
+    out = out[:, :, : (h // p) * (w // p)].reshape(b, c, h // p, w // p, p, p)
+    return out.permute(0, 1, 2, 4, 3, 5).reshape(b, c, h, w)
+
+
+def _forward_auraflow(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    return model(hidden_states=x, timestep=t, return_dict=False, **cond)[0]  # Timesteps(scale=1000)
+
+
+def _forward_lumina2(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    # Lumina2Pipeline passes 1 - sigma (1 = clean) and negates the prediction; we keep it raw
+    return model(hidden_states=x, timestep=1 - t, return_dict=False, **cond)[0]
+
+
+# ---------------------------------------------------------------- families
+
+_DIM = {"num_attention_heads": 2, "attention_head_dim": 16}  # hidden size 32
+
+TINY_FAMILIES: dict[str, TinyFamily] = {
+    fam.name: fam
+    for fam in (
+        TinyFamily(
+            "flux",
+            FluxTransformer2DModel,
+            dict(
+                _DIM, in_channels=16, num_layers=2, num_single_layers=2, joint_attention_dim=TEXT_DIM,
+                pooled_projection_dim=TEXT_DIM, axes_dims_rope=(4, 6, 6),
+            ),
+            latent_channels=4,
+            patch=2,
+            cond_fn=_cond_flux,
+            forward_fn=_forward_flux,
+        ),
+        TinyFamily(
+            "flux2",
+            Flux2Transformer2DModel,
+            dict(
+                _DIM, in_channels=16, num_layers=2, num_single_layers=2, joint_attention_dim=TEXT_DIM,
+                timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+            ),
+            latent_channels=16,
+            patch=1,
+            cond_fn=_cond_flux2,
+            forward_fn=_forward_flux2,
+        ),
+        TinyFamily(
+            "sd3",
+            SD3Transformer2DModel,
+            dict(
+                _DIM, sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3,
+                joint_attention_dim=TEXT_DIM, caption_projection_dim=32, pooled_projection_dim=TEXT_DIM,
+                pos_embed_max_size=16,  # token grids up to 16x16
+            ),
+            latent_channels=4,
+            patch=2,
+            cond_fn=_cond_text_pooled,
+            forward_fn=_forward_sd3_sana,
+        ),
+        TinyFamily(
+            "chroma",
+            ChromaTransformer2DModel,
+            dict(
+                _DIM, in_channels=16, num_layers=2, num_single_layers=2, joint_attention_dim=TEXT_DIM,
+                axes_dims_rope=(4, 6, 6), approximator_num_channels=8, approximator_hidden_dim=16,
+                approximator_layers=1,
+            ),
+            latent_channels=4,
+            patch=2,
+            cond_fn=_cond_chroma,
+            forward_fn=_forward_flux,
+        ),
+        TinyFamily(
+            "sana",
+            SanaTransformer2DModel,
+            dict(
+                _DIM, in_channels=4, out_channels=4, num_layers=3, num_cross_attention_heads=2,
+                cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=TEXT_DIM,
+                sample_size=8, patch_size=1,
+            ),
+            latent_channels=4,
+            patch=1,
+            cond_fn=_cond_text,
+            forward_fn=_forward_sd3_sana,
+        ),
+        TinyFamily(
+            "pixart",
+            PixArtTransformer2DModel,
+            dict(
+                _DIM, in_channels=4, out_channels=8, num_layers=3, cross_attention_dim=32,
+                caption_channels=TEXT_DIM, sample_size=8, patch_size=2,
+            ),
+            latent_channels=4,
+            patch=2,
+            cond_fn=_cond_text,
+            forward_fn=_forward_pixart,
+        ),
+        TinyFamily(
+            "hidream",
+            HiDreamImageTransformer2DModel,
+            dict(
+                _DIM, patch_size=2, in_channels=4, out_channels=4, num_layers=2, num_single_layers=2,
+                caption_channels=[TEXT_DIM, TEXT_DIM], text_emb_dim=TEXT_DIM, num_routed_experts=4,
+                num_activated_experts=2, axes_dims_rope=(8, 4, 4),
+                max_resolution=(32, 32),  # non-square latents are padded to 32*32/p^2 = 256 tokens
+                llama_layers=list(range(HIDREAM_LLAMA_LAYERS)),
+            ),
+            latent_channels=4,
+            patch=2,
+            cond_fn=_cond_hidream,
+            forward_fn=_forward_hidream,
+        ),
+        TinyFamily(
+            "auraflow",
+            AuraFlowTransformer2DModel,
+            dict(
+                _DIM, sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_mmdit_layers=2,
+                num_single_dit_layers=2, joint_attention_dim=TEXT_DIM, caption_projection_dim=32,
+                pos_embed_max_size=256,  # token grids up to 16x16
+            ),
+            latent_channels=4,
+            patch=2,
+            cond_fn=_cond_text,
+            forward_fn=_forward_auraflow,
+        ),
+        TinyFamily(
+            "lumina2",
+            Lumina2Transformer2DModel,
+            dict(
+                sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=3,
+                num_refiner_layers=1, num_attention_heads=2, num_kv_heads=1, multiple_of=16,
+                axes_dim_rope=(4, 6, 6), axes_lens=(64, 64, 64), cap_feat_dim=TEXT_DIM,
+            ),
+            latent_channels=4,
+            patch=2,
+            cond_fn=_cond_lumina2,
+            forward_fn=_forward_lumina2,
+        ),
+    )
+}

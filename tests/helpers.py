@@ -1,0 +1,74 @@
+"""Shared test scaffolding: a flow-matching LightningModule around any tiny diffusers family,
+deterministic latent/pixel data, and a trainer factory. Module-level so ddp_spawn can pickle it."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_repa.tiny_models import TINY_FAMILIES
+
+
+class LatentData(Dataset):
+    """Item i: latents (C, h, w), pixels (3, H, W) in [0, 1], ids = i; a pure function of i."""
+
+    def __init__(self, family: str, n: int = 8, hw: tuple[int, int] = (8, 16), image_hw: tuple[int, int] = (64, 128),
+                 offset: int = 0) -> None:
+        self.channels = TINY_FAMILIES[family].latent_channels
+        self.n, self.hw, self.image_hw, self.offset = n, hw, image_hw, offset
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(1000 + i + self.offset)
+        return {
+            "latents": torch.randn(self.channels, *self.hw, generator=g),
+            "pixels": torch.rand(3, *self.image_hw, generator=g),
+            "ids": i + self.offset,
+        }
+
+
+class TinyFlow(L.LightningModule):
+    """Rectified flow on a tiny diffusers denoiser (`self.transformer`). The noise of a sample
+    depends only on its id and the optimizer step, never on the global RNG."""
+
+    def __init__(self, family: str, seed: int = 0, lr: float = 1e-2, optimizer: str = "sgd") -> None:
+        super().__init__()
+        self.family_name, self.lr, self.optimizer_name = family, lr, optimizer
+        self.fam = TINY_FAMILIES[family]
+        self.transformer = self.fam.build(seed)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x0 = batch["latents"]  # (B, C, h, w)
+        b = x0.shape[0]
+        g = torch.Generator().manual_seed(int(batch["ids"].sum()) * 7919 + self.global_step)
+        noise = torch.randn(x0.shape, generator=g).to(x0)
+        t = torch.rand(b, generator=g).to(x0)
+        x_t = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+        pred = self.fam.forward(self.transformer, x_t, t, self.fam.make_cond(b, seed=0))
+        loss = F.mse_loss(pred, noise - x0)
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=self.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def loader(family: str, batch_size: int = 2, **kwargs: Any) -> DataLoader:
+    return DataLoader(LatentData(family, **kwargs), batch_size=batch_size, shuffle=False)
+
+
+def trainer(max_steps: int = 3, callbacks: Optional[list] = None, **kwargs: Any) -> L.Trainer:
+    options = dict(
+        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks or [], deterministic=True,
+    )
+    options.update(kwargs)
+    return L.Trainer(**options)
