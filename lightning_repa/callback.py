@@ -183,6 +183,13 @@ class RepaCallback(Callback):
         out_dim = hidden if self._encoder is None else int(self._encoder.embed_dim)
         existing = getattr(pl_module, PROJECTOR_ATTR, None)
         if existing is not None:  # a second fit on the same module keeps the trained projector
+            dims = (getattr(existing, "in_dim", None), getattr(existing, "out_dim", None))
+            if dims != (hidden, out_dim):
+                raise ValueError(
+                    f"`{PROJECTOR_ATTR}` on the module maps {dims[0]} -> {dims[1]}, but the denoiser's blocks have "
+                    f"width {hidden} and the teacher (`encoder`={self.config.encoder!r}) dimension {out_dim}; "
+                    f"delete `{PROJECTOR_ATTR}` to start a new projector, or use the encoder it was trained with"
+                )
             return
         cfg = self.config
         projector = build_projector(cfg.projector, hidden, out_dim, cfg.projector_hidden, cfg.irepa_kernel_size)

@@ -18,6 +18,10 @@ class _Float32(nn.Module):
 
     body: nn.Module
 
+    def __init__(self, hidden: int, out_dim: int) -> None:
+        super().__init__()
+        self.in_dim, self.out_dim = hidden, out_dim
+
     def forward(self, x: Tensor, hw: Grid) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
             return self._run(x.float(), hw)
@@ -30,7 +34,7 @@ class LinearProjector(_Float32):
     """LayerNorm(hidden) -> Linear(hidden, out_dim): the default."""
 
     def __init__(self, hidden: int, out_dim: int) -> None:
-        super().__init__()
+        super().__init__(hidden, out_dim)
         self.body = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, out_dim))
 
 
@@ -38,7 +42,7 @@ class MLPProjector(_Float32):
     """REPA paper: Linear(h, w) - SiLU - Linear(w, w) - SiLU - Linear(w, out_dim)."""
 
     def __init__(self, hidden: int, out_dim: int, width: int = 2048) -> None:
-        super().__init__()
+        super().__init__(hidden, out_dim)
         self.body = nn.Sequential(
             nn.Linear(hidden, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, out_dim)
         )
@@ -48,7 +52,7 @@ class ConvProjector(_Float32):
     """iREPA: Conv2d(hidden, out_dim, k, same padding) on the token grid, per frame."""
 
     def __init__(self, hidden: int, out_dim: int, kernel_size: int = 3) -> None:
-        super().__init__()
+        super().__init__(hidden, out_dim)
         self.body = nn.Conv2d(hidden, out_dim, kernel_size, padding=kernel_size // 2)
 
     def _run(self, x: Tensor, hw: Grid) -> Tensor:

@@ -1,0 +1,137 @@
+"""Decoding training-space latents: the pipelines' formulas, and real FLUX.2 TAE weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, AutoencoderKLFlux2
+from PIL import Image
+
+from helpers import TinyFlow, loader, trainer
+from lightning_repa import RepaCallback
+from lightning_repa.config import Decoder
+from lightning_repa.decoders import (
+    LatentDecoder,
+    flux2_from_raw,
+    load_tiny_decoder,
+    patchify_2x2,
+    pixels_to_unit,
+    to_raw_latents,
+    unpatchify_2x2,
+)
+from lightning_repa.taef2 import load_tae
+
+
+def _tiny_kl(**config) -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
+        sample_size=32, **config,
+    ).eval()
+
+
+def test_kl_decode_is_the_sd3_flux_pipeline_formula():
+    vae = _tiny_kl(scaling_factor=1.5305, shift_factor=0.0609)
+    z = torch.randn(2, 4, 8, 12)
+    images = LatentDecoder("vae", "kl", vae=vae)(z)
+    want = vae.decode(z / 1.5305 + 0.0609).sample  # pipeline_stable_diffusion_3.py / pipeline_flux.py
+    torch.testing.assert_close(images, ((want + 1) / 2).clamp(0, 1))
+    assert images.shape == (2, 3, 16, 24)
+    ignored_shift = ((vae.decode(z / 1.5305).sample + 1) / 2).clamp(0, 1)  # the reference's defect 12.4
+    assert not torch.allclose(images, ignored_shift, atol=1e-3)
+
+
+def test_kl_decode_uses_latents_mean_and_std_when_defined():
+    vae = _tiny_kl(scaling_factor=0.5, latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.0, 2.0, 0.5, 1.5])
+    z = torch.randn(1, 4, 6, 6)
+    mean = torch.tensor([0.1, -0.2, 0.3, 0.0]).view(1, 4, 1, 1)
+    std = torch.tensor([1.0, 2.0, 0.5, 1.5]).view(1, 4, 1, 1)
+    torch.testing.assert_close(to_raw_latents(z, "kl", vae), z * std / 0.5 + mean)  # pipeline_stable_diffusion_xl.py
+
+
+def test_patchify_round_trip_and_layout():
+    raw = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+    z = patchify_2x2(raw)
+    assert z.shape == (2, 12, 2, 3)
+    assert z[0, 0:4, 0, 0].tolist() == [raw[0, 0, 0, 0], raw[0, 0, 0, 1], raw[0, 0, 1, 0], raw[0, 0, 1, 1]]
+    torch.testing.assert_close(unpatchify_2x2(z), raw)
+
+
+def _flux2_stats_holder() -> AutoencoderKLFlux2:
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+        layers_per_block=1, latent_channels=32, norm_num_groups=4, mid_block_add_attention=False,
+    )
+    g = torch.Generator().manual_seed(0)
+    vae.bn.running_mean.copy_(0.5 * torch.randn(128, generator=g))
+    vae.bn.running_var.copy_(2.0 + torch.rand(128, generator=g))
+    return vae.eval()
+
+
+def _photo(assets, name: str, size: tuple[int, int]) -> torch.Tensor:
+    image = Image.open(assets / "images" / name).convert("RGB").resize(size, Image.BICUBIC)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div(255)[None]  # (1, 3, H, W)
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(1.0 / torch.mean((a - b) ** 2)))
+
+
+@pytest.mark.parametrize("name,size", [("astronaut.png", (256, 256)), ("rocket.png", (256, 176))])
+def test_flux2_tae_path_decodes_a_real_photo(assets, name, size):
+    """decoder=tae for flux2: real TAEF2 weights, latents in FLUX.2's training space (BN-normalised, 2x2)."""
+    photo = _photo(assets, name, size)
+    vae = _flux2_stats_holder()
+    with torch.no_grad():
+        raw = load_tae(assets / "taesd" / "taef2_encoder.pth", "taef2_encoder")(photo)  # (1, 32, H/8, W/8)
+    z = flux2_from_raw(raw, vae)  # what a FLUX.2 training script caches: (1, 128, H/16, W/16)
+    assert z.shape == (1, 128, size[1] // 16, size[0] // 16)
+    tae = load_tiny_decoder(assets / "taesd" / "taef2_decoder.pth", "flux2")
+    decoder = LatentDecoder(Decoder.tae, "flux2", vae=vae, tae=tae)
+    images = decoder(z)
+    assert images.shape == photo.shape and images.min() >= 0 and images.max() <= 1
+    assert _psnr(images, photo) > 25
+    # the same latents without undoing the BN normalisation decode to a much worse image
+    wrong = tae(unpatchify_2x2(z)).clamp(0, 1)
+    assert _psnr(wrong, photo) < _psnr(images, photo) - 5
+
+
+def test_tae_file_for_a_family_without_its_own_tiny_decoder(assets):
+    with pytest.raises(ValueError, match="AutoencoderTiny directory"):
+        load_tiny_decoder(assets / "taesd" / "taef2_decoder.pth", "kl")
+    with pytest.raises(FileNotFoundError, match="tae_checkpoint"):
+        load_tiny_decoder("/nonexistent/taesd3", "kl")
+
+
+def test_flux2_without_bn_stats_is_refused():
+    with pytest.raises(ValueError, match="BatchNorm statistics"):
+        to_raw_latents(torch.randn(1, 128, 2, 2), "flux2", object())
+
+
+def test_pixels_range():
+    x = torch.tensor([-1.0, 0.0, 1.0])
+    torch.testing.assert_close(pixels_to_unit(x, [-1, 1]), torch.tensor([0.0, 0.5, 1.0]))
+    torch.testing.assert_close(pixels_to_unit(x, [0, 1]), torch.tensor([0.0, 0.0, 1.0]))
+
+
+class _WithVAE(TinyFlow):
+    def __init__(self) -> None:
+        super().__init__("sd3")
+        self.vae = _tiny_kl(scaling_factor=1.7, shift_factor=0.3).requires_grad_(False)
+
+
+def test_callback_decodes_with_the_module_vae(repa_options):
+    """decoder=vae end to end: the teacher sees vae.decode(z / sf + shift); the VAE encoder can be dropped."""
+    module = _WithVAE()
+    options = {**repa_options, "decoder": "vae", "drop_vae_encoder": True}
+    repa = RepaCallback(family="sd3", block_index=1, **options)
+    trainer(2, [repa]).fit(module, loader("sd3"))
+    assert module.vae.encoder is None and module.vae.quant_conv is None
+    batch = next(iter(loader("sd3")))
+    images = repa.teacher.images(batch, batch["latents"])
+    want = ((module.vae.decode(batch["latents"] / 1.7 + 0.3).sample + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(images, want)
+    assert images.shape == (2, 3, 16, 32)
+    assert "repa/similarity" in repa._trainer.callback_metrics
