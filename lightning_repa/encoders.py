@@ -1,0 +1,572 @@
+"""Frozen vision encoders (the REPA teacher) and the iREPA teacher normalisation.
+
+SPEC sections 4 and 6.4. The teacher tokens are the **patch tokens** of the
+final normed features of a timm ViT (prefix tokens, i.e. CLS and registers,
+dropped; SPEC 12.1), computed on images resized so that the token grid keeps
+the image's aspect ratio (SPEC 12.2).
+
+Weights come either from a local file (`encoder_checkpoint`: the official
+DINOv2 release `.pth`, a timm `.safetensors`, or a DINOv2 training checkpoint)
+or from the Hugging Face hub through timm. When the hub cannot be reached the
+hub path fails fast with a message that names `encoder_checkpoint`.
+
+No Lightning imports here: this module is usable on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import itertools
+import math
+import os
+import re
+import socket
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "ENCODER_ALIASES",
+    "FrozenEncoder",
+    "load_encoder",
+    "resolve_encoder_name",
+    "spatial_zscore",
+]
+
+# torch.hub names of the DINOv2 release -> timm architectures.
+ENCODER_ALIASES: dict[str, str] = {
+    "dinov2_vits14": "vit_small_patch14_dinov2",
+    "dinov2_vitb14": "vit_base_patch14_dinov2",
+    "dinov2_vitl14": "vit_large_patch14_dinov2",
+    "dinov2_vitg14": "vit_giant_patch14_dinov2",
+    "dinov2_vits14_reg": "vit_small_patch14_reg4_dinov2",
+    "dinov2_vitb14_reg": "vit_base_patch14_reg4_dinov2",
+    "dinov2_vitl14_reg": "vit_large_patch14_reg4_dinov2",
+    "dinov2_vitg14_reg": "vit_giant_patch14_reg4_dinov2",
+}
+
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+_WRAPPER_KEYS = ("model", "state_dict", "teacher")  # unwrapped in this order, repeatedly
+_MAX_LISTED_KEYS = 20
+_HUB_CONNECT_TIMEOUT_S = 3.0
+_PROXY_ENV_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+# --------------------------------------------------------------------------- names
+
+
+def resolve_encoder_name(name: str) -> str:
+    """Map an alias (`dinov2_vits14`, ...) to its timm name; check any other name exists in timm.
+
+    Raises ValueError naming the `encoder` option, with close names, when timm
+    does not know the model.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"`encoder` must be a non-empty model name, got {name!r}; e.g. encoder='dinov2_vits14'.")
+    name = name.strip()
+    if name.lower() in ENCODER_ALIASES:
+        return ENCODER_ALIASES[name.lower()]
+    if ":" in name:  # 'hf-hub:org/repo' or 'local-dir:/path': timm resolves these itself
+        return name
+    arch, _tag = timm.models.split_model_name_tag(name)
+    if timm.models.is_model(arch):
+        return name
+    candidates = list(ENCODER_ALIASES) + timm.list_models()
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(
+        f"`encoder`={name!r} is neither a DINOv2 alias ({', '.join(ENCODER_ALIASES)}) nor a timm model name."
+        f"{hint} Any timm ViT name works, e.g. encoder='vit_small_patch14_dinov2'."
+    )
+
+
+# --------------------------------------------------------------------------- image size
+
+
+def _nearest_multiples(value: int, step: int) -> list[int]:
+    """The multiples of `step` just below and above `value` (never below `step`)."""
+    low = max(step, (value // step) * step)
+    high = low if low >= value else low + step
+    return sorted({low, high})
+
+
+def _check_positive_size(image_size: int) -> None:
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
+        raise ValueError(
+            f"`encoder_image_size` must be a positive int (a multiple of the encoder's patch size), "
+            f"got {image_size!r}; e.g. encoder_image_size=224 for DINOv2 (16x16 tokens)."
+        )
+
+
+def _check_image_size(image_size: int, patch_size: int) -> None:
+    """`encoder_image_size` must be a positive multiple of the encoder's patch size."""
+    _check_positive_size(image_size)
+    if image_size % patch_size != 0:
+        options = " or ".join(str(v) for v in _nearest_multiples(image_size, patch_size))
+        raise ValueError(
+            f"`encoder_image_size`={image_size} is not a multiple of the encoder's patch size {patch_size}; "
+            f"use {options} (e.g. 224 gives a 16x16 token grid with patch 14)."
+        )
+
+
+# --------------------------------------------------------------------------- the module
+
+
+def _patch_size_of(model: nn.Module) -> int:
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        raise ValueError(
+            f"`encoder`: {type(model).__name__} has no `patch_embed.patch_size`; use a timm ViT "
+            "(e.g. encoder='dinov2_vits14' or 'vit_small_patch14_dinov2')."
+        )
+    ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+    if ph != pw:
+        raise ValueError(f"`encoder`: non-square patches {ph}x{pw} are not supported; use a ViT with square patches.")
+    return int(ph)
+
+
+def _check_vit(model: nn.Module) -> None:
+    """The wrapped model must look like a timm ViT with dynamic input size."""
+    missing = [a for a in ("num_prefix_tokens", "forward_features") if not hasattr(model, a)]
+    if missing:
+        raise ValueError(
+            f"`encoder`: {type(model).__name__} lacks {', '.join(missing)}; use a timm ViT "
+            "(e.g. encoder='dinov2_vits14')."
+        )
+    if getattr(model, "dynamic_img_size", True) is False:
+        raise ValueError(
+            "`encoder`: the timm model was built without dynamic_img_size=True, so it only accepts its "
+            "training resolution; build it with timm.create_model(..., dynamic_img_size=True) or use load_encoder()."
+        )
+
+
+class FrozenEncoder(nn.Module):
+    """A frozen timm ViT that maps images in [0, 1] to its final normed patch tokens.
+
+    Attributes: `embed_dim`, `patch_size`, `num_prefix_tokens` (CLS + registers,
+    dropped from the output), `image_size` (the side of a square input; other
+    aspects get about the same number of tokens), buffers `mean` and `std`
+    (shape (3,), from the model's pretrained config). The module is always in
+    eval mode and has no trainable parameters.
+    """
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, model: nn.Module, image_size: int = 224) -> None:
+        super().__init__()
+        _check_vit(model)
+        self.patch_size: int = _patch_size_of(model)
+        _check_image_size(image_size, self.patch_size)
+        self.model = model
+        self.image_size: int = image_size
+        self.embed_dim: int = int(getattr(model, "embed_dim", getattr(model, "num_features", 0)))
+        self.num_prefix_tokens: int = int(model.num_prefix_tokens)
+        cfg = timm.data.resolve_data_config({}, model=model)
+        self.register_buffer("mean", torch.tensor(cfg["mean"], dtype=torch.float32), persistent=False)  # (3,)
+        self.register_buffer("std", torch.tensor(cfg["std"], dtype=torch.float32), persistent=False)  # (3,)
+        self.model.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> FrozenEncoder:
+        """Ignore `mode`: a parent's `.train()` must not switch the teacher out of eval mode."""
+        return super().train(False)
+
+    @property
+    def tokens_per_side(self) -> int:
+        """Tokens along each side of a square input: image_size // patch_size."""
+        return self.image_size // self.patch_size
+
+    def grid_for(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid (gh, gw) for an image of this size: about tokens_per_side**2 tokens, aspect kept."""
+        if height <= 0 or width <= 0:
+            raise ValueError(f"image height and width must be positive, got {height}x{width}.")
+        n = self.tokens_per_side**2
+        gh = max(1, round(math.sqrt(n * height / width)))
+        gw = max(1, round(math.sqrt(n * width / height)))
+        return gh, gw
+
+    def input_size_for(self, height: int, width: int) -> tuple[int, int]:
+        """Pixel size the encoder sees for an image of this size: the grid times the patch size."""
+        gh, gw = self.grid_for(height, width)
+        return gh * self.patch_size, gw * self.patch_size
+
+    def prepare(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) in [0, 1], C in {1, 3} -> (B, 3, gh*p, gw*p), resized, clamped, normalised."""
+        x = _to_rgb(images).to(device=self.mean.device, dtype=torch.float32)  # (B, 3, H, W)
+        size = self.input_size_for(x.shape[-2], x.shape[-1])
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+            x = x.clamp(0.0, 1.0)  # bicubic overshoots; the encoder was trained on clamped (uint8) pixels
+        return (x - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1)  # (B, 3, gh*p, gw*p)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) images in [0, 1] -> (B, gh*gw, embed_dim) patch tokens, row-major over (gh, gw)."""
+        x = self.prepare(images)  # (B, 3, gh*p, gw*p)
+        if x.shape[0] == 0:
+            gh, gw = self.grid_for(images.shape[-2], images.shape[-1])
+            return x.new_zeros(0, gh * gw, self.embed_dim)
+        dtype = next(self.model.parameters()).dtype
+        feats = self.model.forward_features(x.to(dtype))  # (B, prefix + gh*gw, D)
+        return feats[:, self.num_prefix_tokens :].contiguous()  # (B, gh*gw, D)
+
+
+def _to_rgb(images: Tensor) -> Tensor:
+    """(B, 1 or 3, H, W) -> (B, 3, H, W); anything else is an error."""
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(
+            f"the encoder expects images of shape (B, 3, H, W) (or (B, 1, H, W)) in [0, 1], got "
+            f"{tuple(images.shape)}; for video pass frames flattened into the batch."
+        )
+    if images.shape[1] == 1:
+        return images.expand(-1, 3, -1, -1)  # (B, 3, H, W)
+    return images
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _create(timm_name: str, alias: str, image_size: int, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """timm.create_model with the fixed encoder arguments; a non-ViT gives a ValueError naming `encoder`."""
+    try:
+        return timm.create_model(
+            timm_name, pretrained=pretrained, num_classes=0, dynamic_img_size=True, img_size=image_size, **kwargs
+        )
+    except TypeError as e:
+        raise ValueError(
+            f"`encoder`={alias!r} (timm {timm_name!r}) could not be built as a ViT with dynamic image size "
+            f"({e}); use a timm ViT, e.g. encoder='dinov2_vits14'."
+        ) from e
+
+
+def _meta_model(timm_name: str, alias: str, image_size: int) -> nn.Module:
+    """The model on the meta device (no memory, no init): checks it is a ViT and `encoder_image_size` fits."""
+    _check_positive_size(image_size)
+    meta = _create(timm_name, alias, image_size, pretrained=False, device="meta")
+    _check_vit(meta)
+    _check_image_size(image_size, _patch_size_of(meta))
+    return meta
+
+
+def load_encoder(name: str, image_size: int = 224, checkpoint: str | os.PathLike[str] | None = None) -> FrozenEncoder:
+    """Build the frozen teacher `name` (an alias of ENCODER_ALIASES or any timm ViT name).
+
+    With `checkpoint`, weights are read from that local file (official DINOv2
+    release format, timm format, .safetensors or .pth/.pt/.bin, optionally
+    wrapped in a "model"/"state_dict"/"teacher" dict) and must match the model
+    exactly. Without it, timm fetches the pretrained weights from the Hugging
+    Face hub (or its local cache); if that is impossible a RuntimeError says to
+    set `encoder_checkpoint`.
+    """
+    timm_name = resolve_encoder_name(name)
+    path = _checkpoint_path(checkpoint)
+    meta = _meta_model(timm_name, name, image_size)
+    if path is None:
+        model = _create_pretrained(timm_name, name, image_size)
+    else:
+        state_dict = _read_checkpoint(meta, path, name)
+        model = _load_into(meta, state_dict, path, name, lambda: _create(timm_name, name, image_size))
+    return FrozenEncoder(model, image_size=image_size)
+
+
+# --------------------------------------------------------------------------- local checkpoints
+
+
+def _checkpoint_path(checkpoint: str | os.PathLike[str] | None) -> Path | None:
+    if checkpoint is None or (isinstance(checkpoint, str) and not checkpoint.strip()):
+        return None
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"`encoder_checkpoint`={str(checkpoint)!r}: no such file. Point it at the encoder weights "
+            f"(e.g. the official dinov2_vits14_pretrain.pth or a timm model.safetensors), or leave it unset "
+            f"to download them from the Hugging Face hub."
+        )
+    if path.suffix.lower() not in _CHECKPOINT_SUFFIXES:
+        raise ValueError(
+            f"`encoder_checkpoint`={str(path)!r}: unsupported file type {path.suffix!r}; "
+            f"expected one of {', '.join(_CHECKPOINT_SUFFIXES)}."
+        )
+    return path
+
+
+def _read_checkpoint_file(path: Path) -> Any:
+    """The raw object in the file: safetensors directly, pickles with weights_only=True (never arbitrary code)."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for pickles holding arbitrary objects, or a corrupt file
+        raise ValueError(
+            f"`encoder_checkpoint`={str(path)!r} could not be read with torch.load(weights_only=True): {e}. "
+            "Re-save just the weights, e.g. torch.save(model.state_dict(), path) or as .safetensors."
+        ) from e
+
+
+def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+    """Peel "model"/"state_dict"/"teacher" wrappers and drop non-tensor entries (epoch counters, ...)."""
+    while isinstance(obj, Mapping):
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise ValueError(
+            f"`encoder_checkpoint`={str(path)!r} holds a {type(obj).__name__}, not a state dict; "
+            "save the weights with torch.save(model.state_dict(), path)."
+        )
+    return {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
+
+
+def _strip_prefix(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """Keep the keys under `prefix` (without it) when any key has it; otherwise return the dict unchanged."""
+    if not any(k.startswith(prefix) for k in state_dict):
+        return state_dict
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def _flatten_block_chunks(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """DINOv2 training checkpoints with block_chunks > 0 name blocks 'blocks.<chunk>.<index>.'; drop the chunk."""
+    chunked = re.compile(r"^blocks\.\d+\.(\d+)\.")
+    if not any(chunked.match(k) for k in state_dict):
+        return state_dict
+    return {chunked.sub(r"blocks.\1.", k): v for k, v in state_dict.items()}
+
+
+def _normalise_training_format(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """DDP ('module.'), torch.compile ('_orig_mod.') and DINOv2 teacher ('backbone.') prefixes, chunked blocks."""
+    for prefix in ("module.", "_orig_mod.", "backbone."):
+        state_dict = _strip_prefix(state_dict, prefix)
+    return _flatten_block_chunks(state_dict)
+
+
+def _timm_filter(model: nn.Module) -> Callable[[dict[str, Tensor], nn.Module], dict[str, Tensor]]:
+    """The checkpoint filter of the model's timm module (vision_transformer.checkpoint_filter_fn for ViTs).
+
+    It converts the official DINOv2 release format (mask_token dropped,
+    register_tokens -> reg_token, the CLS position folded into cls_token for
+    register models, mlp.w12/w3 -> fc1/fc2) and resamples pos_embed to the
+    model's grid.
+    """
+    import sys
+
+    from timm.models import vision_transformer
+
+    module = sys.modules.get(type(model).__module__)
+    fn = getattr(module, "checkpoint_filter_fn", None)
+    if fn is None and isinstance(model, vision_transformer.VisionTransformer):
+        fn = vision_transformer.checkpoint_filter_fn
+    return fn if fn is not None else (lambda sd, _model: sd)
+
+
+def _list_keys(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED_KEYS])
+    more = f", ... (+{len(keys) - _MAX_LISTED_KEYS} more)" if len(keys) > _MAX_LISTED_KEYS else ""
+    return f"{len(keys)}: [{shown}{more}]"
+
+
+def _check_shapes(model: nn.Module, state_dict: dict[str, Tensor], path: Path, alias: str) -> None:
+    """Shape mismatches (another model size) as a ValueError instead of load_state_dict's RuntimeError."""
+    own = model.state_dict()
+    bad = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state_dict.items()
+        if k in own and tuple(v.shape) != tuple(own[k].shape)
+    ]
+    if bad:
+        raise ValueError(
+            f"`encoder_checkpoint`={str(path)!r} does not match `encoder`={alias!r}: "
+            f"{len(bad)} tensors have other shapes ({'; '.join(bad[:_MAX_LISTED_KEYS])}). "
+            "The file is probably for another model size; set `encoder` to the model the file was saved from."
+        )
+
+
+def _check_registers(model: nn.Module, state_dict: dict[str, Tensor], path: Path, alias: str) -> None:
+    """A register checkpoint in a model without registers (or the reverse) breaks timm's pos_embed resampling."""
+    file_has = "register_tokens" in state_dict or "reg_token" in state_dict
+    model_has = getattr(model, "reg_token", None) is not None
+    if file_has == model_has:
+        return
+    if file_has:
+        fix = "the file has register tokens: use the '_reg' encoder (e.g. encoder='dinov2_vits14_reg')"
+    else:
+        fix = "the file has no register tokens: use the encoder without '_reg' (e.g. encoder='dinov2_vits14')"
+    raise ValueError(f"`encoder_checkpoint`={str(path)!r} does not fit `encoder`={alias!r}: {fix}.")
+
+
+def _read_checkpoint(model: nn.Module, path: Path, alias: str) -> dict[str, Tensor]:
+    """Read, unwrap and convert the file with timm's filter into the model's key names and shapes."""
+    state_dict = _unwrap_state_dict(_read_checkpoint_file(path), path)
+    state_dict = _normalise_training_format(state_dict)
+    _check_registers(model, state_dict, path, alias)
+    try:
+        state_dict = _timm_filter(model)(state_dict, model)
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
+        raise ValueError(
+            f"`encoder_checkpoint`={str(path)!r} could not be converted for `encoder`={alias!r} by timm's "
+            f"checkpoint filter ({type(e).__name__}: {e}); check that the file is the checkpoint of this model."
+        ) from e
+    _check_shapes(model, state_dict, path, alias)
+    return state_dict
+
+
+def _load_into(
+    meta: nn.Module, state_dict: dict[str, Tensor], path: Path, alias: str, build: Callable[[], nn.Module]
+) -> nn.Module:
+    """Load into the meta-device model by assignment (no random init of weights about to be overwritten).
+
+    Any missing or unexpected key is an error. Should the model hold state
+    that no checkpoint carries (non-persistent buffers), it is built for real
+    with `build` and loaded by copy instead.
+    """
+    own = meta.state_dict()
+    state_dict = {  # the model's dtype, not the file's (fp16/bf16 releases)
+        k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v for k, v in state_dict.items()
+    }
+    result = meta.load_state_dict(state_dict, strict=False, assign=True)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing or unexpected:
+        raise ValueError(
+            f"`encoder_checkpoint`={str(path)!r} does not fit `encoder`={alias!r}: "
+            f"missing keys {_list_keys(missing)}; unexpected keys {_list_keys(unexpected)}. "
+            "Use the checkpoint of this exact model (official DINOv2 .pth or timm .safetensors), "
+            "or change `encoder` to match the file."
+        )
+    if not any(t.is_meta for t in itertools.chain(meta.parameters(), meta.buffers())):
+        return meta
+    model = build()
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+# --------------------------------------------------------------------------- the hub
+
+
+def _env_true(var: str) -> bool:
+    return os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_reachable(timeout: float = _HUB_CONNECT_TIMEOUT_S) -> bool:
+    """A quick TCP connect to the hub endpoint (skipped, i.e. True, behind an HTTP proxy)."""
+    if any(os.environ.get(v) for v in _PROXY_ENV_VARS):
+        return True
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline_reason() -> str | None:
+    """Why the hub must not be contacted, or None. Reads the environment now, not at import time."""
+    from huggingface_hub import constants
+
+    if _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE") or constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if not _hub_reachable():
+        return f"{constants.ENDPOINT} is unreachable"
+    return None
+
+
+@contextlib.contextmanager
+def _hub_offline(enabled: bool) -> Iterator[None]:
+    """Put huggingface_hub in offline mode for the block (its flag is read once, at import).
+
+    Offline, hf_hub_download still returns files from the local cache but
+    raises at once instead of retrying for ~50 s.
+    """
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = saved or enabled
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+def _fetch_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean 'the weights could not be fetched' (network, offline, cache miss, HTTP)."""
+    from huggingface_hub import errors
+
+    types: list[type[BaseException]] = [OSError, ConnectionError, TimeoutError, errors.HfHubHTTPError]
+    types.append(errors.OfflineModeIsEnabled)
+    types.append(errors.EntryNotFoundError)
+    for module_name in ("httpx2", "httpx", "requests"):
+        with contextlib.suppress(ImportError):
+            module = __import__(module_name)
+            base = getattr(module, "HTTPError", None) or getattr(module, "RequestException", None)
+            if isinstance(base, type) and issubclass(base, BaseException):
+                types.append(base)
+    return tuple(types)
+
+
+def _download_message(alias: str, timm_name: str, reason: str) -> str:
+    where = ""
+    with contextlib.suppress(Exception):
+        cfg = timm.models.get_pretrained_cfg(timm.models.split_model_name_tag(timm_name)[0])
+        sources = [s for s in (cfg.url, cfg.hf_hub_id and f"https://huggingface.co/{cfg.hf_hub_id}") if s]
+        if sources:
+            where = f" (available from {' or '.join(sources)})"
+    return (
+        f"The pretrained weights for `encoder`={alias!r} (timm {timm_name!r}) could not be downloaded: {reason}. "
+        f"Download them on a machine with network access{where} and set "
+        f"`encoder_checkpoint=/path/to/weights.pth` (official DINOv2 .pth or timm .safetensors)."
+    )
+
+
+def _create_pretrained(timm_name: str, alias: str, image_size: int) -> nn.Module:
+    """timm's hub loader; fast and explicit failure when offline or unreachable."""
+    reason = _offline_reason()
+    try:
+        with _hub_offline(reason is not None):
+            return _create(timm_name, alias, image_size, pretrained=True)
+    except _fetch_error_types() as e:
+        detail = reason or f"{type(e).__name__}: {e}"
+        if reason is not None:
+            detail += " and the weights are not in the local Hugging Face cache"
+        raise RuntimeError(_download_message(alias, timm_name, detail)) from e
+    except RuntimeError as e:
+        if "No pretrained weights" not in str(e):
+            raise
+        raise RuntimeError(
+            f"timm has no pretrained weights for `encoder`={alias!r} (timm {timm_name!r}); "
+            "set `encoder_checkpoint=/path/to/weights.pth`, or pick a name with pretrained weights "
+            "(e.g. 'vit_small_patch14_dinov2.lvd142m')."
+        ) from e
+
+
+# --------------------------------------------------------------------------- iREPA
+
+
+def spatial_zscore(f: Tensor, alpha: float = 0.6) -> Tensor:
+    """iREPA teacher normalisation over the tokens of (..., N, D), per channel.
+
+    `(f - alpha * mean_N f) / (std_N f + 1e-6)`, with the unbiased std over N
+    (torch's default, as in the iREPA code). alpha=1 is a plain z-score,
+    alpha=0 only rescales.
+    """
+    if f.ndim < 2:
+        raise ValueError(f"spatial_zscore expects (..., N, D) tokens, got shape {tuple(f.shape)}.")
+    if f.shape[-2] < 2:
+        raise ValueError(
+            f"spatial_zscore needs at least 2 tokens per frame to take a std over them, got N={f.shape[-2]}; "
+            "iREPA (`irepa`) needs spatial tokens, so do not combine it with spatial_align=False."
+        )
+    mean = f.mean(dim=-2, keepdim=True)  # (..., 1, D)
+    std = f.std(dim=-2, keepdim=True)  # (..., 1, D)
+    return (f - alpha * mean) / (std + 1e-6)  # (..., N, D)
