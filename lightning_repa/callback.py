@@ -14,7 +14,7 @@ from torchmetrics import MeanMetric
 
 from lightning_repa.align import pool_tokens, resample_tokens
 from lightning_repa.capture import BlockCapture
-from lightning_repa.config import Decoder, Method, RepaConfig, Teacher
+from lightning_repa.config import Cache, Decoder, Method, RepaConfig, Teacher
 from lightning_repa.decoders import LatentDecoder, load_tiny_decoder
 from lightning_repa.encoders import load_encoder, spatial_zscore
 from lightning_repa.families import get_family
@@ -88,6 +88,11 @@ class RepaCallback(Callback):
             )
         if self.method not in IMPLEMENTED_METHODS:
             raise NotImplementedError(f"method={self.method.value!r} is not available yet in this version")
+        if cfg.cache is not Cache.none:
+            raise NotImplementedError(
+                f"cache={cfg.cache.value!r} is not available yet in this version: use cache=none (the teacher "
+                "features are then computed every step)"
+            )
         self.block_index = self.family.default_block_index if cfg.block_index is None else cfg.block_index
         if cfg.teacher is Teacher.backbone and cfg.teacher_block_index <= self.block_index:
             raise ValueError(
@@ -106,6 +111,8 @@ class RepaCallback(Callback):
         self._step: Optional[int] = None  # optimizer step of the batch in flight
         self._weight = 0.0  # weight of that step
         self._manual_called = False
+        self.projector_attr = PROJECTOR_ATTR
+        self._wrappers: dict[str, Any] = {}  # our instance-level wrappers on the module, by name
 
     @classmethod
     def from_config(cls, cfg: Any) -> "RepaCallback":
@@ -144,6 +151,7 @@ class RepaCallback(Callback):
         if stage != "fit":
             return
         self._trainer, self._module = trainer, pl_module
+        self.projector_attr = self._projector_attr(trainer)
         if self.config.teacher is Teacher.encoder and self._encoder is None:
             self._encoder = self.build_encoder()
         if self._find_denoiser(pl_module) is not None:
@@ -155,8 +163,13 @@ class RepaCallback(Callback):
                 original()
                 self._attach_projector(pl_module)
 
-            pl_module.configure_model = configure_model
+            pl_module.configure_model = self._wrappers["configure_model"] = configure_model
         self._wrap_training_step(pl_module)
+
+    def _projector_attr(self, trainer: pl.Trainer) -> str:
+        """`repa_projector`, or `repa_projector_<k>` for the k-th of several REPA callbacks."""
+        mine = [cb for cb in trainer.callbacks if isinstance(cb, RepaCallback)]
+        return PROJECTOR_ATTR if len(mine) == 1 else f"{PROJECTOR_ATTR}_{mine.index(self)}"
 
     def _find_denoiser(self, pl_module: pl.LightningModule) -> Optional[nn.Module]:
         paths = [self.config.denoiser] if self.config.denoiser else list(DENOISER_ATTRS)
@@ -181,19 +194,19 @@ class RepaCallback(Callback):
         self.family.check_class(denoiser)
         hidden = self.family.hidden_size(denoiser)
         out_dim = hidden if self._encoder is None else int(self._encoder.embed_dim)
-        existing = getattr(pl_module, PROJECTOR_ATTR, None)
+        existing = getattr(pl_module, self.projector_attr, None)
         if existing is not None:  # a second fit on the same module keeps the trained projector
             dims = (getattr(existing, "in_dim", None), getattr(existing, "out_dim", None))
             if dims != (hidden, out_dim):
                 raise ValueError(
-                    f"`{PROJECTOR_ATTR}` on the module maps {dims[0]} -> {dims[1]}, but the denoiser's blocks have "
+                    f"`{self.projector_attr}` on the module maps {dims[0]} -> {dims[1]}, but the denoiser's blocks have "
                     f"width {hidden} and the teacher (`encoder`={self.config.encoder!r}) dimension {out_dim}; "
-                    f"delete `{PROJECTOR_ATTR}` to start a new projector, or use the encoder it was trained with"
+                    f"delete `{self.projector_attr}` to start a new projector, or use the encoder it was trained with"
                 )
             return
         cfg = self.config
         projector = build_projector(cfg.projector, hidden, out_dim, cfg.projector_hidden, cfg.irepa_kernel_size)
-        setattr(pl_module, PROJECTOR_ATTR, projector.to(next(denoiser.parameters()).device))
+        setattr(pl_module, self.projector_attr, projector.to(next(denoiser.parameters()).device))
 
     def _wrap_training_step(self, pl_module: pl.LightningModule) -> None:
         original = pl_module.training_step
@@ -209,7 +222,7 @@ class RepaCallback(Callback):
                 raise
             return self._end_step(batch, output)
 
-        pl_module.training_step = training_step
+        pl_module.training_step = self._wrappers["training_step"] = training_step
 
     # --- fit start: hooks, teacher, schedule ------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -233,11 +246,11 @@ class RepaCallback(Callback):
         )
 
     def _check_optimizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        projector = getattr(pl_module, PROJECTOR_ATTR)
+        projector = getattr(pl_module, self.projector_attr)
         optimised = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
         if not all(id(p) in optimised for p in projector.parameters()):
             raise ValueError(
-                f"the REPA projector (`{PROJECTOR_ATTR}`) is not in any optimizer: build the optimizer from "
+                f"the REPA projector (`{self.projector_attr}`) is not in any optimizer: build the optimizer from "
                 "`self.parameters()` in configure_optimizers (the callback attaches it in setup, before)"
             )
 
@@ -322,7 +335,7 @@ class RepaCallback(Callback):
     def compute_loss(self, batch: Mapping[str, Any]) -> Tensor:
         """The weighted alignment loss of this step (a scalar); call it after the denoiser's forward."""
         self._manual_called = True
-        projector = getattr(self._module, PROJECTOR_ATTR)
+        projector = getattr(self._module, self.projector_attr)
         # Keeps every projector parameter in the graph, so DDP(find_unused_parameters=False)
         # also works on steps without alignment (weight 0, after the cutoff).
         zero = sum(p.sum() for p in projector.parameters()) * 0.0
@@ -388,8 +401,10 @@ class RepaCallback(Callback):
     def _cleanup(self, pl_module: pl.LightningModule) -> None:
         if self._capture is not None:
             self._capture.detach()
-        for name in ("training_step", "configure_model"):
-            pl_module.__dict__.pop(name, None)  # our instance-level wrappers
+        for name, wrapper in self._wrappers.items():
+            if pl_module.__dict__.get(name) is wrapper:
+                del pl_module.__dict__[name]
+        self._wrappers.clear()
         self._step = None
 
     # --- checkpoint ----------------------------------------------------------------

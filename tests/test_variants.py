@@ -1,0 +1,177 @@
+"""The loss path recomputed by hand, and the variants: iREPA, pooled alignment, backbone teacher,
+manual optimization, gradient checkpointing, mixed precision, several callbacks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import TinyFlow, loader, trainer
+from lightning_repa import RepaCallback
+
+
+class _Record(L.Callback):
+    """Records the student tokens the callback takes and the teacher tokens it computes."""
+
+    def __init__(self, repa: RepaCallback) -> None:
+        self.repa, self.taken, self.teacher = repa, {}, []
+        self.similarity: list[float] = []
+
+    def on_fit_start(self, trainer, pl_module):
+        take = self.repa._capture.take
+
+        def first_taken(index: int) -> torch.Tensor:
+            out = take(index)
+            self.taken.setdefault(index, out)  # keeps the first step's tokens
+            return out
+
+        self.repa._capture.take = first_taken
+        if self.repa.teacher is not None:
+            self.repa.teacher.register_forward_hook(lambda m, a, out: self.teacher.append(out))
+        self.initial = {k: v.clone() for k, v in getattr(pl_module, self.repa.projector_attr).state_dict().items()}
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.similarity.append(float(trainer.callback_metrics["repa/similarity"]))
+
+
+def _one_step(family: str, options: dict[str, Any]) -> tuple[RepaCallback, _Record, TinyFlow]:
+    repa = RepaCallback(family=family, **options)
+    record = _Record(repa)
+    module = TinyFlow(family, lr=0.0)  # the projector stays at its initial weights
+    trainer(1, [repa, record]).fit(module, loader(family))
+    return repa, record, module
+
+
+def _zscore(f: torch.Tensor, alpha: float) -> torch.Tensor:
+    return (f - alpha * f.mean(1, keepdim=True)) / (f.std(1, keepdim=True) + 1e-6)
+
+
+@pytest.mark.parametrize("variant", ["repa", "irepa", "pooled", "mlp"])
+def test_logged_similarity_is_the_formula(variant, repa_options):
+    """sd3, 8x16 latents -> 4x8 student grid; teacher 56 px on 64x128 images -> 3x6 grid."""
+    options = {"block_index": 1, **repa_options,
+               **{"repa": {}, "irepa": {"irepa": True}, "pooled": {"spatial_align": False},
+                  "mlp": {"projector": "mlp", "projector_hidden": 64}}[variant]}
+    repa, record, module = _one_step("sd3", options)
+    student = record.taken[1]  # (2, 32, 32)
+    teacher, grid_t = record.teacher[0]
+    assert grid_t == (3, 6) and teacher.shape == (2, 18, 384)
+    p = module.repa_projector
+    w = record.initial
+    if variant == "irepa":
+        maps = student.reshape(2, 4, 8, 32).permute(0, 3, 1, 2)
+        proj = F.conv2d(maps, w["body.weight"], w["body.bias"], padding=1).flatten(2).transpose(1, 2)
+        teacher = _zscore(teacher, 0.6)
+    elif variant == "mlp":
+        h = F.silu(F.linear(student, w["body.0.weight"], w["body.0.bias"]))
+        h = F.silu(F.linear(h, w["body.2.weight"], w["body.2.bias"]))
+        proj = F.linear(h, w["body.4.weight"], w["body.4.bias"])
+    else:
+        proj = F.linear(F.layer_norm(student, (32,), w["body.0.weight"], w["body.0.bias"]),
+                        w["body.1.weight"], w["body.1.bias"])
+    if variant == "pooled":
+        proj, teacher = proj.mean(1, keepdim=True), teacher.mean(1, keepdim=True)
+    else:
+        maps = proj.reshape(2, 4, 8, -1).permute(0, 3, 1, 2)
+        proj = F.interpolate(maps, size=(3, 6), mode="bilinear", antialias=True).flatten(2).transpose(1, 2)
+    want = F.cosine_similarity(proj, teacher, dim=-1).mean()
+    assert record.similarity[0] == pytest.approx(float(want), abs=1e-5)
+    assert type(p).__name__ == {"irepa": "ConvProjector", "mlp": "MLPProjector"}.get(variant, "LinearProjector")
+
+
+def test_backbone_teacher_uses_a_deeper_block_and_no_encoder():
+    repa, record, module = _one_step("sd3", dict(block_index=0, teacher="backbone", teacher_block_index=2))
+    assert repa.teacher is None and repa._encoder is None
+    student, deeper = record.taken[0], record.taken[2]
+    assert student.shape == deeper.shape == (2, 32, 32)
+    w = record.initial
+    proj = F.linear(F.layer_norm(student, (32,), w["body.0.weight"], w["body.0.bias"]),
+                    w["body.1.weight"], w["body.1.bias"])
+    assert module.repa_projector.out_dim == 32
+    want = F.cosine_similarity(proj, deeper, dim=-1).mean()
+    assert record.similarity[0] == pytest.approx(float(want), abs=1e-5)
+
+
+class _Manual(TinyFlow):
+    def __init__(self, call_repa: bool) -> None:
+        super().__init__("sd3", lr=0.05)
+        self.automatic_optimization, self.call_repa = False, call_repa
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = super().training_step(batch, batch_idx)
+        if self.call_repa:
+            repa = next(cb for cb in self.trainer.callbacks if isinstance(cb, RepaCallback))
+            loss = loss + repa.compute_loss(batch)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
+def test_manual_optimization_with_compute_loss(repa_options):
+    module = _Manual(call_repa=True)
+    repa = RepaCallback(family="sd3", block_index=1, **repa_options)
+    record = _Record(repa)
+    trainer(2, [repa, record]).fit(module, loader("sd3"))
+    changed = [not torch.equal(v, record.initial[k]) for k, v in module.repa_projector.state_dict().items()]
+    assert all(changed) and len(record.similarity) == 2
+
+
+def test_manual_optimization_without_compute_loss_is_an_error(repa_options):
+    with pytest.raises(RuntimeError, match=r"repa.compute_loss\(batch\)"):
+        trainer(2, [RepaCallback(family="sd3", block_index=1, **repa_options)]).fit(_Manual(False), loader("sd3"))
+
+
+def _first_grads(gradient_checkpointing: bool, options: dict, **trainer_kwargs) -> dict[str, torch.Tensor]:
+    module = TinyFlow("sd3")
+    if gradient_checkpointing:
+        module.transformer.enable_gradient_checkpointing()
+    grads: dict[str, torch.Tensor] = {}
+
+    class Grab(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads.update({n: p.grad.clone() for n, p in pl_module.named_parameters() if p.grad is not None})
+
+    L.seed_everything(0)
+    trainer(1, [RepaCallback(family="sd3", block_index=1, **options), Grab()], **trainer_kwargs).fit(
+        module, loader("sd3"))
+    return grads
+
+
+def test_gradient_checkpointing_captures_once_and_gives_the_same_gradients(repa_options):
+    plain, checkpointed = _first_grads(False, repa_options), _first_grads(True, repa_options)
+    assert plain.keys() == checkpointed.keys() and any(k.startswith("repa_projector") for k in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_mixed_precision_runs_with_a_float32_projector(repa_options):
+    grads = _first_grads(False, repa_options, precision="bf16-mixed")
+    assert grads["repa_projector.body.1.weight"].dtype == torch.float32
+    assert all(torch.isfinite(g).all() for g in grads.values())
+
+
+class _SkipsDenoiser(TinyFlow):
+    def training_step(self, batch, batch_idx):
+        return self.transformer.proj_out.weight.sum() * 0.0
+
+
+def test_block_that_never_ran_is_an_error(repa_options):
+    with pytest.raises(RuntimeError, match="did not run in this training step"):
+        trainer(1, [RepaCallback(family="sd3", block_index=1, **repa_options)]).fit(_SkipsDenoiser("sd3"),
+                                                                                     loader("sd3"))
+
+
+def test_two_callbacks_get_two_projectors_and_two_states(repa_options):
+    a = RepaCallback(family="sd3", block_index=0, **repa_options)
+    b = RepaCallback(family="sd3", block_index=1, **repa_options)
+    module = TinyFlow("sd3")
+    trainer(2, [a, b]).fit(module, loader("sd3"))
+    assert a.projector_attr == "repa_projector_0" and b.projector_attr == "repa_projector_1"
+    assert module.repa_projector_0 is not module.repa_projector_1
+    assert a.state_key != b.state_key
