@@ -135,3 +135,27 @@ def test_callback_decodes_with_the_module_vae(repa_options):
     torch.testing.assert_close(images, want)
     assert images.shape == (2, 3, 16, 32)
     assert "repa/similarity" in repa._trainer.callback_metrics
+
+
+class _Flux2WithTAE(TinyFlow):
+    """A FLUX.2 module on real 128-channel training latents, with only the VAE's BatchNorm resident."""
+
+    def __init__(self) -> None:
+        super().__init__("flux2")
+        self.transformer = type(self.transformer)(**{**self.fam.config, "in_channels": 128})
+        self.vae = _flux2_stats_holder().requires_grad_(False)
+
+
+def test_flux2_callback_with_decoder_tae_sees_the_photo(assets, repa_options):
+    photo = torch.cat([_photo(assets, "astronaut.png", (128, 128)), _photo(assets, "coffee.png", (128, 128))])
+    module = _Flux2WithTAE()
+    with torch.no_grad():
+        raw = load_tae(assets / "taesd" / "taef2_encoder.pth", "taef2_encoder")(photo)
+    latents = flux2_from_raw(raw, module.vae)  # (2, 128, 8, 8)
+    data = [{"latents": latents[i], "ids": i} for i in range(2)]
+    options = {**repa_options, "decoder": "tae", "tae_checkpoint": str(assets / "taesd" / "taef2_decoder.pth")}
+    repa = RepaCallback(family="flux2", block_index=3, **options)
+    trainer(2, [repa]).fit(module, torch.utils.data.DataLoader(data, batch_size=2))
+    images = repa.teacher.images({"latents": latents}, latents)
+    assert all(_psnr(images[i], photo[i]) > 25 for i in range(2))
+    assert "repa/similarity" in repa._trainer.callback_metrics

@@ -59,6 +59,11 @@ def test_bad_values_are_refused_at_construction(options, match):
         RepaCallback(family="flux", **options)
 
 
+def test_unavailable_teacher_cache_is_refused_not_ignored():
+    with pytest.raises(NotImplementedError, match="cache='memory' is not available"):
+        RepaCallback(family="flux", cache="memory")
+
+
 def test_explicit_zero_means_zero():
     cfg = RepaConfig(manifold_weight=0.0, lam=0.0)
     assert cfg.manifold_weight == 0.0 and cfg.lam == 0.0
