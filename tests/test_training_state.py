@@ -179,3 +179,22 @@ def test_two_process_ddp_ranks_agree_and_survive_the_cutoff(tmp_path, dinov2_che
     assert local[0] != local[1]
     assert ranks[0]["updates"][0] == pytest.approx(sum(local) / 2, abs=1e-6), "the EMA sees the mean over ranks"
     assert torch.equal(torch.tensor(ranks[0]["projector_sum"]), torch.tensor(ranks[1]["projector_sum"]))
+
+
+def test_recoverable_cutoff_keeps_measuring_without_training_the_projector(repa_options):
+    """While a recoverable cutoff holds the loss off, the similarity is still measured (it is the only
+    way back on), but with weight 0 the projector gets no gradient and does not move."""
+    repa = RepaCallback(family="sd3", block_index=1, similarity_threshold=-1.0, threshold_mode="recoverable",
+                        **repa_options)
+    spy = _Spy(repa)
+    snapshots = []
+
+    class Snap(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            snapshots.append([p.detach().clone() for p in pl_module.repa_projector.parameters()])
+
+    trainer(4, [repa, spy, Snap()]).fit(TinyFlow("sd3"), loader("sd3"))
+    assert [s for s, _ in spy.updates] == [0, 1, 2, 3]  # measured every step, also while off
+    assert not repa.cutoff.is_active(4) and repa.cutoff.tripped_at is None
+    for later in snapshots[1:]:  # off from step 1 on: the projector stays where step 0 left it
+        assert all(torch.equal(a, b) for a, b in zip(snapshots[0], later))
