@@ -413,8 +413,18 @@ def _read_checkpoint(model: nn.Module, path: Path, alias: str) -> dict[str, Tens
             f"`encoder_checkpoint`={str(path)!r} could not be converted for `encoder`={alias!r} by timm's "
             f"checkpoint filter ({type(e).__name__}: {e}); check that the file is the checkpoint of this model."
         ) from e
+    state_dict = _drop_classifier(model, state_dict)
     _check_shapes(model, state_dict, path, alias)
     return state_dict
+
+
+def _drop_classifier(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The encoder is built headless (num_classes=0): drop the classifier head of a classification
+    checkpoint, as timm does; every other unknown key still counts as unexpected."""
+    own = model.state_dict()
+    heads = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    return {k: v for k, v in state_dict.items() if k in own or not any(k == h or k.startswith(h + ".") for h in heads)}
 
 
 def _load_into(

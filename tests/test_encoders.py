@@ -464,3 +464,17 @@ def test_other_timm_vit_with_non_persistent_buffers(tmp_path: Path) -> None:
     out = enc(torch.rand(1, 3, 30, 60))
     assert out.shape == (1, 3 * 6, enc.embed_dim) and enc.grid_for(30, 60) == (3, 6)
     assert torch.isfinite(out).all()
+
+
+def test_classification_head_in_the_file_is_dropped_other_extra_keys_are_not(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=10, img_size=518)
+    path = tmp_path / "classifier.pth"
+    torch.save(model.state_dict(), path)
+    encoder = load_encoder("dinov2_vits14", image_size=56, checkpoint=path)
+    torch.testing.assert_close(encoder.model.patch_embed.proj.weight, model.patch_embed.proj.weight)
+    state = model.state_dict()
+    state["extra.weight"] = torch.zeros(3)
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="extra.weight"):
+        load_encoder("dinov2_vits14", image_size=56, checkpoint=path)
