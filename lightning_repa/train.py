@@ -1,0 +1,183 @@
+"""The Hydra training app: ``lightning-repa-train`` / ``python -m lightning_repa.train``.
+
+``main()`` is the thin ``@hydra.main`` shim; ``run(cfg)`` does the work and is what tests call
+with a config from ``hydra.compose``. With no arguments the app runs the CPU demo (REPA on
+scikit-learn's digits); ``experiment=demo`` pins it. The configs live in ``lightning_repa/conf``
+(shipped with the package, so the app works from any directory)::
+
+    lightning-repa-train experiment=demo
+    lightning-repa-train experiment=demo trainer.max_steps=800 repa.lam=1.0 logger=[wandb,csv]
+    lightning-repa-train -m experiment=demo repa.lam=0.25,0.5
+    lightning-repa-train experiment=demo ckpt_path=outputs/demo/<time>/checkpoints/last.ckpt trainer.max_steps=800
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+import lightning_repa.hydra_config  # noqa: F401  (registers the schemas and resolvers)
+from lightning_repa.callback import RepaCallback
+
+__all__ = ["main", "run"]
+
+# The demo keeps the digits in memory and loads them in the main process on purpose; the
+# last one is Lightning's own use of a deprecated torch API.
+_QUIET = (r".*does not have many workers.*", r".*is smaller than the logging interval.*", r".*LeafSpec.*")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train with REPA as configured; return where things went and the last logged metrics.
+
+    Seeds, builds the data module, the LightningModule, ``RepaCallback.from_config(cfg.repa)``,
+    the loggers, a ``ModelCheckpoint`` and the Trainer, fits (resuming from ``cfg.ckpt_path`` when
+    set), writes a sample grid into the output directory (and logs it to W&B), and prints one
+    block saying where the logs, samples and checkpoints are.
+
+    Returns a dict with ``output_dir``, ``global_step``, ``checkpoint`` (last.ckpt), ``samples``
+    (PNG or None), ``wandb_dir`` (run directory or None), ``csv`` (metrics.csv or None) and
+    ``metrics`` (the trainer's last logged values, as floats).
+    """
+    _check_config(cfg)
+    import lightning_repa.demo  # noqa: F401  (registers the shipped digits teacher with timm)
+
+    threads = torch.get_num_threads()
+    if cfg.torch_threads:
+        torch.set_num_threads(cfg.torch_threads)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: DictConfig) -> dict[str, Any]:
+    pl.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    repa = RepaCallback.from_config(cfg.repa)  # first: option errors before anything is built
+    datamodule: pl.LightningDataModule = instantiate(cfg.data)
+    model: pl.LightningModule = instantiate(cfg.model)
+    checkpoint: ModelCheckpoint = instantiate(cfg.checkpoint)
+    loggers: list[Logger] = [_logger(name, node) for name, node in (cfg.logger or {}).items() if node]
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[repa, checkpoint], logger=loggers or False)
+
+    hparams = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    for logger in loggers:
+        logger.log_hyperparams(hparams)
+
+    with warnings.catch_warnings():
+        for pattern in _QUIET:
+            warnings.filterwarnings("ignore", message=pattern)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+    result: dict[str, Any] = {
+        "output_dir": output_dir,
+        "global_step": trainer.global_step,
+        "checkpoint": Path(checkpoint.last_model_path) if checkpoint.last_model_path else None,
+        "samples": None,
+        "wandb_dir": None,
+        "csv": None,
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+    }
+    if trainer.is_global_zero:
+        result["samples"] = _save_samples(cfg, model, output_dir, loggers, trainer.global_step)
+        for logger in loggers:
+            if isinstance(logger, WandbLogger):
+                result["wandb_dir"] = _wandb_run_dir(logger)
+            elif isinstance(logger, CSVLogger):
+                result["csv"] = Path(logger.log_dir) / "metrics.csv"
+        _print_summary(result)
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            logger.experiment.finish()  # a sweep runs its jobs in one process: one W&B run each
+    return result
+
+
+def _check_config(cfg: DictConfig) -> None:
+    if "${hydra:" in str(OmegaConf.to_container(cfg.paths)["output_dir"]) and not HydraConfig.initialized():
+        raise ValueError(
+            "`paths.output_dir` follows Hydra's run directory; without @hydra.main, set paths.output_dir=..."
+        )
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        raise ValueError(f"required config values are not set (`???`): {', '.join(sorted(missing))}")
+
+
+def _logger(name: str, node: DictConfig) -> Logger:
+    if "_target_" not in node:
+        raise ValueError(
+            f"`logger.{name}` has no `_target_` (keys: {sorted(node)}); pick a file of logger/ or give one"
+        )
+    return instantiate(node)
+
+
+def _save_samples(
+    cfg: DictConfig, model: pl.LightningModule, output_dir: Path, loggers: list[Logger], step: int
+) -> Optional[Path]:
+    if not cfg.sample.enabled:
+        return None
+    if not hasattr(model, "save_sample_grid"):
+        print(f"(no sample grid: {type(model).__name__} has no `save_sample_grid`)")
+        return None
+    s = cfg.sample
+    path = model.save_sample_grid(
+        output_dir / s.filename, steps=s.steps, per_class=s.per_class, guidance=s.guidance, scale=s.scale, seed=s.seed
+    )
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key="samples", images=[str(path)], step=step, caption=[f"step {step}"])
+    return Path(path)
+
+
+def _wandb_run_dir(logger: WandbLogger) -> Optional[Path]:
+    run = logger.experiment
+    files_dir = getattr(run, "dir", None)  # <save_dir>/wandb/<offline-run-...>/files
+    if not files_dir or getattr(getattr(run, "settings", None), "mode", "") == "disabled":
+        return None
+    return Path(files_dir).parent
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    m = result["metrics"]
+    lines = [f"steps       {result['global_step']} optimizer steps"]
+    if "repa/similarity" in m:
+        lines.append(
+            f"REPA        similarity {m['repa/similarity']:.3f}, weight {m.get('repa/weight', float('nan')):.3f}"
+            + (f", train/loss {m['train/loss']:.4f}" if "train/loss" in m else "")
+        )
+    if result["wandb_dir"] is not None:
+        offline = result["wandb_dir"].name.startswith("offline-run")
+        hint = f"   (upload: wandb sync {result['wandb_dir']})" if offline else ""
+        lines.append(f"W&B run     {result['wandb_dir']}{hint}")
+    if result["csv"] is not None:
+        lines.append(f"CSV log     {result['csv']}")
+    if result["wandb_dir"] is None and result["csv"] is None:
+        lines.append("logs        no W&B or CSV logger (logger=wandb, logger=csv or logger=[wandb,csv])")
+    if result["samples"] is not None:
+        lines.append(f"samples     {result['samples']}")
+    if result["checkpoint"] is not None:
+        lines.append(f"checkpoint  {result['checkpoint']}   (resume: ckpt_path=<this> trainer.max_steps=<more>)")
+    lines.append(f"output dir  {result['output_dir']}")
+    bar = "=" * 78
+    print("\n".join(["", bar, "lightning-repa-train: done", *lines, bar]), flush=True)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    """Entry point of ``lightning-repa-train`` (see the module docstring)."""
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
