@@ -1,0 +1,30 @@
+"""The CPU demo: REPA on scikit-learn's digits with a tiny DiT and a tiny ViT teacher, both real.
+
+Importing this package registers the teacher (``TEACHER_NAME``) with timm.
+"""
+
+from lightning_repa.demo.data import DigitsDataModule, load_digit_images, split_indices
+from lightning_repa.demo.module import FlowMatchingDiT
+from lightning_repa.demo.teacher import (
+    TEACHER_MEAN,
+    TEACHER_NAME,
+    TEACHER_STD,
+    load_teacher_classifier,
+    normalize_for_teacher,
+    register_teacher,
+    teacher_checkpoint_path,
+)
+
+__all__ = [
+    "DigitsDataModule",
+    "FlowMatchingDiT",
+    "TEACHER_MEAN",
+    "TEACHER_NAME",
+    "TEACHER_STD",
+    "load_digit_images",
+    "load_teacher_classifier",
+    "normalize_for_teacher",
+    "register_teacher",
+    "split_indices",
+    "teacher_checkpoint_path",
+]
