@@ -230,6 +230,9 @@ class RepaCallback(Callback):
         denoiser = self._denoiser = self._require_denoiser(pl_module)
         self._capture = BlockCapture(denoiser, self.family, self.student_indices)
         self._check_optimizer(trainer, pl_module)
+        # precision="bf16-true"/"16-true" converted the whole module; the projector stays float32
+        # (in place: the optimizer keeps the same parameter objects)
+        getattr(pl_module, self.projector_attr).float()
         self.schedule = WeightSchedule(
             cfg.schedule, cfg.lam, cfg.warmup_steps, cfg.decay_steps, cfg.lambda_end, cfg.power, trainer.max_steps
         )

@@ -156,6 +156,13 @@ def test_bf16_mixed_precision_runs_with_a_float32_projector(repa_options):
     assert all(torch.isfinite(g).all() for g in grads.values())
 
 
+def test_bf16_true_precision_keeps_the_projector_in_float32(repa_options):
+    grads = _first_grads(False, repa_options, precision="bf16-true")
+    assert grads["repa_projector.body.1.weight"].dtype == torch.float32
+    assert grads["transformer.proj_out.weight"].dtype == torch.bfloat16
+    assert all(torch.isfinite(g.float()).all() for g in grads.values())
+
+
 class _SkipsDenoiser(TinyFlow):
     def training_step(self, batch, batch_idx):
         return self.transformer.proj_out.weight.sum() * 0.0
