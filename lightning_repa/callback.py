@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Mapping, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_repa.align import pool_tokens, resample_tokens
 from lightning_repa.capture import BlockCapture
 from lightning_repa.config import Cache, Decoder, Method, RepaConfig, Teacher
-from lightning_repa.decoders import LatentDecoder, load_tiny_decoder
+from lightning_repa.decoders import LatentDecoder, drop_vae_encoder, load_tiny_decoder
 from lightning_repa.encoders import load_encoder, spatial_zscore
 from lightning_repa.families import get_family
 from lightning_repa.losses import token_cosine
@@ -26,6 +27,11 @@ from lightning_repa.teacher import EncoderTeacher
 DENOISER_ATTRS = ("denoiser", "transformer", "unet", "model")
 PROJECTOR_ATTR = "repa_projector"
 IMPLEMENTED_METHODS = (Method.repa,)
+METHOD_OPTIONS = {  # options read by one method only
+    Method.urepa: ("manifold_weight", "manifold_scope"),
+    Method.crepa: ("distance", "tau", "cumulative_neighbours", "normalize_neighbours", "normalize_by_frames",
+                   "distance_unit"),
+}
 
 
 def _get_path(root: Any, path: str) -> Any:
@@ -86,6 +92,12 @@ class RepaCallback(Callback):
             raise ValueError(
                 f"method={self.method.value!r} does not fit family={cfg.family!r}; use method={self.family.method.value!r}"
             )
+        for method, names in METHOD_OPTIONS.items():
+            ignored = cfg.non_default(names) if method is not self.method else []
+            if ignored:
+                raise ValueError(
+                    f"`{ignored[0]}` is a {method.value} option; it has no effect with method={self.method.value!r}"
+                )
         if self.method not in IMPLEMENTED_METHODS:
             raise NotImplementedError(f"method={self.method.value!r} is not available yet in this version")
         if cfg.cache is not Cache.none:
@@ -131,7 +143,9 @@ class RepaCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(family=self.config.family, block_index=self.block_index)
+        cfg = self.config
+        teacher = cfg.encoder if cfg.teacher is Teacher.encoder else f"block {cfg.teacher_block_index}"
+        return self._generate_state_key(family=cfg.family, block_index=self.block_index, teacher=teacher)
 
     @property
     def student_indices(self) -> list[int]:
@@ -190,6 +204,8 @@ class RepaCallback(Callback):
         return module
 
     def _attach_projector(self, pl_module: pl.LightningModule) -> None:
+        if self.config.drop_vae_encoder:  # before the optimizer and the checkpoint restore
+            drop_vae_encoder(_get_path(pl_module, self.config.vae_attr), self.config.vae_attr)
         denoiser = self._require_denoiser(pl_module)
         self.family.check_class(denoiser)
         hidden = self.family.hidden_size(denoiser)
@@ -213,6 +229,8 @@ class RepaCallback(Callback):
 
         @functools.wraps(original)
         def training_step(*args: Any, **kwargs: Any) -> Any:
+            if not self._trainer.training:  # e.g. a validation_step that reuses training_step
+                return original(*args, **kwargs)
             batch = args[0] if args else kwargs["batch"]
             self._begin_step(batch)
             try:
@@ -230,9 +248,6 @@ class RepaCallback(Callback):
         denoiser = self._denoiser = self._require_denoiser(pl_module)
         self._capture = BlockCapture(denoiser, self.family, self.student_indices)
         self._check_optimizer(trainer, pl_module)
-        # precision="bf16-true"/"16-true" converted the whole module; the projector stays float32
-        # (in place: the optimizer keeps the same parameter objects)
-        getattr(pl_module, self.projector_attr).float()
         self.schedule = WeightSchedule(
             cfg.schedule, cfg.lam, cfg.warmup_steps, cfg.decay_steps, cfg.lambda_end, cfg.power, trainer.max_steps
         )
@@ -267,10 +282,6 @@ class RepaCallback(Callback):
                 f"decoder={cfg.decoder.value} for family={cfg.family!r} needs the VAE at `vae_attr`={cfg.vae_attr!r} "
                 f"on {type(pl_module).__name__}; attach it there, set `vae_attr`, or use decoder=pixels"
             )
-        if cfg.drop_vae_encoder and vae is not None:
-            for name in ("encoder", "quant_conv"):
-                if isinstance(getattr(vae, name, None), nn.Module):
-                    setattr(vae, name, None)
         tae = load_tiny_decoder(cfg.tae_checkpoint, self.family.latent_format) if cfg.decoder is Decoder.tae else None
         return LatentDecoder(cfg.decoder, self.family.latent_format, vae=vae, tae=tae)
 
@@ -382,7 +393,10 @@ class RepaCallback(Callback):
         metrics = self._metrics
         if metrics["similarity"].update_count:  # same on every rank: the weight is
             similarity = float(metrics["similarity"].compute())  # mean over micro-batches and ranks
-            self.cutoff.update(similarity, step)
+            if math.isfinite(similarity):
+                self.cutoff.update(similarity, step)
+            else:  # the same on every rank (reduced): skip it everywhere rather than stop training
+                rank_zero_warn(f"REPA: non-finite similarity at step {step}; the similarity EMA skips it")
             logs["repa/similarity"] = similarity
         if metrics["loss"].update_count:
             logs["repa/loss"] = float(metrics["loss"].compute())

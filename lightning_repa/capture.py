@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -81,14 +82,17 @@ class BlockCapture:
         """The captured image tokens of block `index` (B, N, D); an error if it never ran."""
         if index not in self._captured:
             raise RuntimeError(
-                f"block {index} of family={self.family.name!r} did not run in this training step: call the denoiser "
+                f"block {index} (of {len(self.blocks)}) of family={self.family.name!r} did not run with gradients in "
+                "this training step: call the denoiser "
                 f"({type(self.denoiser).__name__}) inside training_step, through its forward"
             )
         return self._captured.pop(index)
 
     # --- hooks ---------------------------------------------------------------
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        if self._armed and self._call is None:
+        # The first forward *with gradients*: a no-grad pass first (self-conditioning, a target)
+        # would give tokens without a graph, and the denoiser no alignment gradient.
+        if self._armed and self._call is None and torch.is_grad_enabled():
             self._call = call_arguments(module, args, kwargs)
 
     def _make_hook(self, index: int):

@@ -10,7 +10,7 @@ class, block count, batch keys) happen in the callback at fit start.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
 from typing import Any, List, Optional
 
@@ -241,7 +241,28 @@ class RepaConfig:
             raise ValueError("`irepa=True` uses the conv projector; drop `projector=mlp` (or set irepa=False)")
         if self.irepa:
             self.projector = Projector.conv
+        self._refuse_unused()
         return self
+
+    def non_default(self, names: tuple[str, ...]) -> list[str]:
+        """The options among `names` whose value differs from their default."""
+        defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(self)}
+        return [name for name in names if getattr(self, name) != defaults[name]]
+
+    def _refuse_unused(self) -> None:
+        """An option the chosen decoder, teacher or projector never reads is an error, not a no-op."""
+        unused = {
+            "decoder=tae": (self.decoder is not Decoder.tae, ("tae_checkpoint",)),
+            "decoder=pixels": (self.decoder is not Decoder.pixels, ("pixels_key", "pixels_range")),
+            "teacher=encoder": (self.teacher is not Teacher.encoder, ("encoder_checkpoint",)),
+            "projector=mlp": (self.projector is not Projector.mlp, ("projector_hidden",)),
+            "irepa=True": (not self.irepa, ("irepa_alpha",)),
+            "a teacher cache (cache=memory|disk)": (self.cache is Cache.none, ("ids_key",)),
+        }
+        for needs, (off, names) in unused.items():
+            ignored = self.non_default(names) if off else []
+            if ignored:
+                raise ValueError(f"`{ignored[0]}` is only read with {needs}; remove it or set that option")
 
     @classmethod
     def from_options(cls, **options: Any) -> "RepaConfig":

@@ -5,8 +5,9 @@ patchified, exactly as diffusers training scripts cache them). A decoder first u
 transform to get the raw VAE latents (`to_raw_latents`), then decodes:
 
 - `vae`: the full VAE, `vae.decode(raw).sample` in [-1, 1];
-- `tae`: a tiny autoencoder distilled on the raw latents (FLUX.2's TAEF2 from a taesd .pth
-  file, or a diffusers `AutoencoderTiny` directory), with its own output convention;
+- `tae`: a tiny autoencoder. FLUX.2's TAEF2 (a taesd .pth file) is distilled on the raw VAE
+  latents; a diffusers `AutoencoderTiny` (TAESD, TAESDXL, TAESD3, TAEF1: a directory) decodes the
+  diffusion-space latents directly, with its own config's scaling (1.0 and 0.0 when published);
 - `pixels`: nothing to decode, the batch holds the images.
 """
 
@@ -119,20 +120,28 @@ class LatentDecoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, latents: Tensor) -> Tensor:
+        if self.kind is Decoder.tae and hasattr(self.tae, "decode"):  # a diffusers AutoencoderTiny
+            return _decode(self.tae, _autoencoder_tiny_input(latents, self.tae))
         raw = to_raw_latents(latents, self.latent_format, self.vae)
         if self.kind is Decoder.vae:
-            raw = raw.to(next(self.vae.parameters()).dtype)
-            images = (self.vae.decode(raw).sample.float() + 1) / 2  # [-1, 1] -> [0, 1]
-        else:
-            images = _tae_decode(self.tae, raw)
-        return images.clamp(0, 1)
+            return _decode(self.vae, raw)
+        return self.tae(raw.float()).float().clamp(0, 1)  # TAEF2: raw latents -> [0, 1]
 
 
-def _tae_decode(tae: nn.Module, raw: Tensor) -> Tensor:
-    """TAEF2 returns [0, 1]; a diffusers AutoencoderTiny returns [-1, 1] from `decode`."""
-    if hasattr(tae, "decode"):
-        return (tae.decode(raw).sample.float() + 1) / 2
-    return tae(raw.float()).float()
+def _autoencoder_tiny_input(z: Tensor, tae: Any) -> Tensor:
+    """TAESD/TAESDXL/TAESD3/TAEF1 decode the *diffusion-space* latents, as the pipelines feed them
+    (`z / sf + shift` with the tiny model's own config, 1.0 and 0.0 for the published weights)."""
+    return z / (_cfg(tae, "scaling_factor") or 1.0) + (_cfg(tae, "shift_factor") or 0.0)
+
+
+def _decode(autoencoder: Any, z: Tensor) -> Tensor:
+    """`autoencoder.decode(z).sample` in [-1, 1] -> [0, 1]; in full precision when the VAE asks for it
+    (`force_upcast`: the SDXL VAE overflows in float16)."""
+    upcast = bool(_cfg(autoencoder, "force_upcast"))
+    autocast = torch.is_autocast_enabled(z.device.type) and not upcast
+    with torch.autocast(device_type=z.device.type, enabled=autocast):
+        images = autoencoder.decode(z.to(next(autoencoder.parameters()).dtype)).sample.float()
+    return ((images + 1) / 2).clamp(0, 1)
 
 
 def load_tiny_decoder(path: str | os.PathLike, latent_format: str) -> nn.Module:
@@ -158,6 +167,26 @@ def load_tiny_decoder(path: str | os.PathLike, latent_format: str) -> nn.Module:
             "for this family give a diffusers AutoencoderTiny directory (e.g. a saved madebyollin/taesd3)"
         )
     return tae.eval().requires_grad_(False)
+
+
+def drop_vae_encoder(vae: Any, vae_attr: str = "vae") -> None:
+    """Free the VAE's encoder (training on cached latents never encodes); idempotent.
+
+    Checkpoints written before the drop still load: their encoder keys are discarded.
+    """
+    if vae is None:
+        raise ValueError(f"`drop_vae_encoder` found no VAE at `vae_attr`={vae_attr!r}; attach it there or set vae_attr")
+    for name in ("encoder", "quant_conv"):
+        if isinstance(getattr(vae, name, None), nn.Module):
+            setattr(vae, name, None)
+    if not getattr(vae, "_repa_encoder_dropped", False):
+        vae.register_load_state_dict_pre_hook(_discard_encoder_keys)
+        vae._repa_encoder_dropped = True
+
+
+def _discard_encoder_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    for key in [k for k in state_dict if k.startswith((prefix + "encoder.", prefix + "quant_conv."))]:
+        del state_dict[key]
 
 
 def pixels_to_unit(pixels: Tensor, pixels_range: tuple[float, float] | list[float]) -> Tensor:

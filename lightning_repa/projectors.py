@@ -1,8 +1,10 @@
 """Trainable projectors from the denoiser's hidden size to the teacher's (SPEC section 5).
 
 All variants share one signature, `forward(x, hw) -> y` with x (B, N, hidden) row-major on
-the grid `hw` and y (B, N, out_dim), so they swap freely. They run in float32 with autocast
-off, whatever the trainer's precision.
+the grid `hw` and y (B, N, out_dim), so they swap freely. They are float32 for their whole
+life, whatever the trainer's precision: built in float32, deaf to `module.to(half dtype)` (as
+Lightning's "bf16-true"/"16-true" do to the whole LightningModule, before DDP and the
+optimizer are built), and run with autocast off.
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ from torch import Tensor, nn
 from lightning_repa.align import Grid, map_to_tokens, tokens_to_map
 
 
+_HALF = (torch.float16, torch.bfloat16)
+_F32 = {"dtype": torch.float32}
+
+
 class _Float32(nn.Module):
-    """Runs `self.body` in float32 with autocast disabled."""
+    """Keeps its parameters float32 and runs `self.body` in float32 with autocast disabled."""
 
     body: nn.Module
 
@@ -22,9 +28,16 @@ class _Float32(nn.Module):
         super().__init__()
         self.in_dim, self.out_dim = hidden, out_dim
 
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        def keep_float32(t: Tensor) -> Tensor:
+            out = fn(t)
+            return t.to(device=out.device) if t.dtype == torch.float32 and out.dtype in _HALF else out
+
+        return super()._apply(keep_float32, recurse)
+
     def forward(self, x: Tensor, hw: Grid) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self._run(x.float(), hw)
+            return self._run(x.to(next(self.parameters()).dtype), hw)
 
     def _run(self, x: Tensor, hw: Grid) -> Tensor:
         return self.body(x)
@@ -35,7 +48,7 @@ class LinearProjector(_Float32):
 
     def __init__(self, hidden: int, out_dim: int) -> None:
         super().__init__(hidden, out_dim)
-        self.body = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, out_dim))
+        self.body = nn.Sequential(nn.LayerNorm(hidden, **_F32), nn.Linear(hidden, out_dim, **_F32))
 
 
 class MLPProjector(_Float32):
@@ -44,7 +57,8 @@ class MLPProjector(_Float32):
     def __init__(self, hidden: int, out_dim: int, width: int = 2048) -> None:
         super().__init__(hidden, out_dim)
         self.body = nn.Sequential(
-            nn.Linear(hidden, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, out_dim)
+            nn.Linear(hidden, width, **_F32), nn.SiLU(), nn.Linear(width, width, **_F32), nn.SiLU(),
+            nn.Linear(width, out_dim, **_F32),
         )
 
 
@@ -53,7 +67,7 @@ class ConvProjector(_Float32):
 
     def __init__(self, hidden: int, out_dim: int, kernel_size: int = 3) -> None:
         super().__init__(hidden, out_dim)
-        self.body = nn.Conv2d(hidden, out_dim, kernel_size, padding=kernel_size // 2)
+        self.body = nn.Conv2d(hidden, out_dim, kernel_size, padding=kernel_size // 2, **_F32)
 
     def _run(self, x: Tensor, hw: Grid) -> Tensor:
         lead = x.shape[:-2]

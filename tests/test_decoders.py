@@ -159,3 +159,75 @@ def test_flux2_callback_with_decoder_tae_sees_the_photo(assets, repa_options):
     images = repa.teacher.images({"latents": latents}, latents)
     assert all(_psnr(images[i], photo[i]) > 25 for i in range(2))
     assert "repa/similarity" in repa._trainer.callback_metrics
+
+
+def _tiny_autoencoder_tiny(tmp_path, **config):
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    tae = AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+                          num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4, latent_channels=4, **config)
+    tae.save_pretrained(tmp_path / "tae")
+    return load_tiny_decoder(tmp_path / "tae", "kl")
+
+
+@pytest.mark.parametrize("config", [{}, {"scaling_factor": 0.5, "shift_factor": 0.1}])
+def test_autoencoder_tiny_decodes_diffusion_space_latents_without_the_vae(tmp_path, config):
+    """As the pipelines do with TAESD/TAESD3/TAEF1: `tae.decode(z / tae_sf + tae_shift)`; no VAE needed."""
+    tae = _tiny_autoencoder_tiny(tmp_path, **config)
+    z = torch.randn(2, 4, 4, 6)
+    images = LatentDecoder("tae", "kl", vae=None, tae=tae)(z)
+    sf, shift = config.get("scaling_factor", 1.0), config.get("shift_factor", 0.0)
+    want = ((tae.decode(z / sf + shift).sample + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(images, want)
+    assert images.shape == (2, 3, 32, 48)
+
+
+@pytest.mark.parametrize("force_upcast", [True, False])
+def test_force_upcast_decodes_in_float32_under_autocast(force_upcast):
+    vae = _tiny_kl(force_upcast=force_upcast)
+    z = torch.randn(1, 4, 8, 8)
+    full = LatentDecoder("vae", "kl", vae=vae)(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = LatentDecoder("vae", "kl", vae=vae)(z)
+    if force_upcast:
+        torch.testing.assert_close(mixed, full)
+    else:
+        assert not torch.equal(mixed, full)  # bf16 convolutions
+
+
+class _DropsEncoder(_WithVAE):
+    pass
+
+
+def test_drop_vae_encoder_happens_before_the_optimizer_and_survives_resume(tmp_path, repa_options):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    options = {**repa_options, "decoder": "vae", "drop_vae_encoder": True}
+
+    def fit(module, steps, **kwargs):
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+        t = trainer(steps, [RepaCallback(family="sd3", block_index=1, **options), ckpt], enable_checkpointing=True)
+        t.fit(module, loader("sd3"), **kwargs)
+        return t
+
+    module = _DropsEncoder()
+    t = fit(module, 2)
+    optimised = {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
+    assert optimised == {id(p) for p in module.parameters()}, "the dropped encoder must not be in the optimizer"
+    assert not any(k.startswith("vae.encoder.") for k in module.state_dict())
+    ckpt = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
+    resumed = _DropsEncoder()
+    assert fit(resumed, 4, ckpt_path=str(ckpt)).global_step == 4  # a fresh module (with encoder) resumes
+    assert resumed.vae.encoder is None
+
+
+def test_a_checkpoint_with_the_vae_encoder_loads_after_the_drop():
+    from lightning_repa.decoders import drop_vae_encoder
+
+    full = _WithVAE()
+    state = full.state_dict()
+    dropped = _WithVAE()
+    drop_vae_encoder(dropped.vae)
+    dropped.load_state_dict(state)  # strict: the encoder keys are discarded, everything else loads
+    torch.testing.assert_close(dropped.vae.decoder.conv_in.weight, full.vae.decoder.conv_in.weight)

@@ -53,6 +53,16 @@ def test_method_that_does_not_fit_the_family_names_the_right_one():
     (dict(decoder="tae"), r"`decoder=tae` needs `tae_checkpoint`"),
     (dict(irepa=True, projector="mlp"), r"irepa=True.*conv projector"),
     (dict(pixels_range=[0, 255]), r"`pixels_range`"),
+    # options the chosen method, decoder, teacher or projector never reads: errors, not no-ops
+    (dict(distance=3), r"`distance` is a crepa option; it has no effect with method='repa'"),
+    (dict(manifold_weight=1.0), r"`manifold_weight` is a urepa option"),
+    (dict(tae_checkpoint="taef2_decoder.pth"), r"`tae_checkpoint` is only read with decoder=tae"),
+    (dict(teacher="backbone", block_index=1, teacher_block_index=2, encoder_checkpoint="w.pth"),
+     r"`encoder_checkpoint` is only read with teacher=encoder"),
+    (dict(projector_hidden=512), r"`projector_hidden` is only read with projector=mlp"),
+    (dict(decoder="vae", pixels_key="images"), r"`pixels_key` is only read with decoder=pixels"),
+    (dict(irepa_alpha=0.5), r"`irepa_alpha` is only read with irepa=True"),
+    (dict(ids_key="index"), r"`ids_key` is only read with a teacher cache"),
 ])
 def test_bad_values_are_refused_at_construction(options, match):
     with pytest.raises(ValueError, match=match):

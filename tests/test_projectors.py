@@ -44,3 +44,14 @@ def test_projectors_run_in_float32_under_autocast():
 def test_unknown_projector():
     with pytest.raises(ValueError, match="projector"):
         build_projector("transformer", 8, 4)
+
+
+def test_projectors_stay_float32_when_the_module_is_cast_to_half():
+    """Lightning's bf16-true/16-true call module.to(half) before DDP and the optimizer exist."""
+    for proj in (LinearProjector(8, 4), MLPProjector(8, 4, width=16), ConvProjector(8, 4)):
+        wrapper = torch.nn.Sequential(proj, torch.nn.Linear(4, 4))
+        wrapper.to(torch.bfloat16)
+        assert {p.dtype for p in proj.parameters()} == {torch.float32}
+        assert wrapper[1].weight.dtype == torch.bfloat16  # everything else does follow
+        out = proj(torch.randn(2, 4, 8, dtype=torch.bfloat16), (2, 2))
+        assert out.dtype == torch.float32

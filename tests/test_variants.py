@@ -169,7 +169,7 @@ class _SkipsDenoiser(TinyFlow):
 
 
 def test_block_that_never_ran_is_an_error(repa_options):
-    with pytest.raises(RuntimeError, match="did not run in this training step"):
+    with pytest.raises(RuntimeError, match=r"block 1 \(of 3\) of family=.sd3. did not run with gradients in this training step"):
         trainer(1, [RepaCallback(family="sd3", block_index=1, **repa_options)]).fit(_SkipsDenoiser("sd3"),
                                                                                      loader("sd3"))
 
@@ -182,3 +182,41 @@ def test_two_callbacks_get_two_projectors_and_two_states(repa_options):
     assert a.projector_attr == "repa_projector_0" and b.projector_attr == "repa_projector_1"
     assert module.repa_projector_0 is not module.repa_projector_1
     assert a.state_key != b.state_key
+    same_block = [RepaCallback(family="sd3", block_index=0, **repa_options),
+                  RepaCallback(family="sd3", block_index=0, teacher="backbone", teacher_block_index=2)]
+    assert same_block[0].state_key != same_block[1].state_key  # two teachers on one block can coexist
+
+
+class _NoGradFirst(TinyFlow):
+    """Runs a no-grad forward of the denoiser (as self-conditioning does) before the real one."""
+
+    def training_step(self, batch, batch_idx):
+        with torch.no_grad():
+            x0 = batch["latents"]
+            self.fam.forward(self.transformer, x0, torch.rand(x0.shape[0]), self.fam.make_cond(x0.shape[0]))
+        return super().training_step(batch, batch_idx)
+
+
+def test_the_forward_with_gradients_is_captured(repa_options):
+    repa = RepaCallback(family="sd3", block_index=1, **repa_options)
+    record = _Record(repa)
+    trainer(1, [repa, record]).fit(_NoGradFirst("sd3"), loader("sd3"))
+    assert record.taken[1].requires_grad, "the no-grad pass must not be the one captured"
+
+
+class _ValidatesWithTrainingStep(TinyFlow):
+    def validation_step(self, batch, batch_idx):
+        return self.training_step(batch, batch_idx)
+
+
+def test_validation_through_training_step_is_not_aligned(repa_options):
+    repa = RepaCallback(family="sd3", block_index=1, **repa_options)
+    calls = []
+
+    class Count(L.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            repa.teacher.register_forward_hook(lambda *a: calls.append(trainer.state.stage))
+
+    trainer(2, [repa, Count()], limit_val_batches=2, val_check_interval=1, num_sanity_val_steps=1).fit(
+        _ValidatesWithTrainingStep("sd3"), loader("sd3"), loader("sd3"))
+    assert [getattr(s, "value", s) for s in calls] == ["train", "train"]
