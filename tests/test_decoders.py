@@ -196,10 +196,6 @@ def test_force_upcast_decodes_in_float32_under_autocast(force_upcast):
         assert not torch.equal(mixed, full)  # bf16 convolutions
 
 
-class _DropsEncoder(_WithVAE):
-    pass
-
-
 def test_drop_vae_encoder_happens_before_the_optimizer_and_survives_resume(tmp_path, repa_options):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -211,13 +207,13 @@ def test_drop_vae_encoder_happens_before_the_optimizer_and_survives_resume(tmp_p
         t.fit(module, loader("sd3"), **kwargs)
         return t
 
-    module = _DropsEncoder()
+    module = _WithVAE()
     t = fit(module, 2)
     optimised = {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
     assert optimised == {id(p) for p in module.parameters()}, "the dropped encoder must not be in the optimizer"
     assert not any(k.startswith("vae.encoder.") for k in module.state_dict())
     ckpt = tmp_path / "ckpt" / "epoch=0-step=2.ckpt"
-    resumed = _DropsEncoder()
+    resumed = _WithVAE()
     assert fit(resumed, 4, ckpt_path=str(ckpt)).global_step == 4  # a fresh module (with encoder) resumes
     assert resumed.vae.encoder is None
 
