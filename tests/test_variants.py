@@ -220,3 +220,46 @@ def test_validation_through_training_step_is_not_aligned(repa_options):
     trainer(2, [repa, Count()], limit_val_batches=2, val_check_interval=1, num_sanity_val_steps=1).fit(
         _ValidatesWithTrainingStep("sd3"), loader("sd3"), loader("sd3"))
     assert [getattr(s, "value", s) for s in calls] == ["train", "train"]
+
+
+class _BuildsLate(TinyFlow):
+    """Builds its denoiser in `setup` or `configure_model` (after Callback.setup), as large models do."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__("sd3")
+        self.where = where
+        del self.transformer
+
+    def _build(self) -> None:
+        if not hasattr(self, "transformer"):
+            self.transformer = self.fam.build(0)
+
+    def setup(self, stage: str) -> None:
+        if self.where == "setup":
+            self._build()
+
+    def configure_model(self) -> None:
+        if self.where == "configure_model":
+            self._build()
+
+
+class _BuildsInSetupOnly(TinyFlow):
+    """Builds in LightningModule.setup and does not override configure_model."""
+
+    def __init__(self) -> None:
+        super().__init__("sd3")
+        del self.transformer
+
+    def setup(self, stage: str) -> None:
+        self.transformer = self.fam.build(0)
+
+
+@pytest.mark.parametrize("where", ["setup", "configure_model", "setup_only"])
+def test_denoiser_built_after_callback_setup(where, repa_options):
+    module = _BuildsInSetupOnly() if where == "setup_only" else _BuildsLate(where)
+    repa = RepaCallback(family="sd3", block_index=1, **repa_options)
+    t = trainer(2, [repa])
+    t.fit(module, loader("sd3"))
+    optimised = {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
+    assert all(id(p) in optimised for p in module.repa_projector.parameters())
+    assert "repa/similarity" in t.callback_metrics and "configure_model" not in module.__dict__
