@@ -100,11 +100,10 @@ def _repa_rows(log_dir: Path) -> dict[int, dict[str, float]]:
     return rows
 
 
-def _resume_run(tmp: Path, name: str, max_steps: int, threshold, ckpt_path=None, every=None):
+def _resume_run(tmp: Path, options: dict, name: str, max_steps: int, threshold, ckpt_path=None, every=None):
     L.seed_everything(0)
     repa = RepaCallback(family="sd3", block_index=1, lam=1.0, similarity_threshold=threshold,
-                        similarity_ema_decay=0.5, encoder="dinov2_vits14",
-                        encoder_checkpoint=os.environ["_REPA_TEST_CKPT"], encoder_image_size=56, decoder="pixels")
+                        similarity_ema_decay=0.5, **options)
     callbacks = [repa]
     if every:
         callbacks.append(ModelCheckpoint(dirpath=tmp / "ckpt", every_n_train_steps=every, save_top_k=-1))
@@ -115,22 +114,21 @@ def _resume_run(tmp: Path, name: str, max_steps: int, threshold, ckpt_path=None,
     return module, repa, Path(logger.log_dir)
 
 
-def test_resume_is_exact_with_the_cutoff_after_the_resume_point(tmp_path, dinov2_checkpoint, monkeypatch):
-    monkeypatch.setenv("_REPA_TEST_CKPT", dinov2_checkpoint)
-    _, probe, probe_dir = _resume_run(tmp_path, "probe", 6, None)
+def test_resume_is_exact_with_the_cutoff_after_the_resume_point(tmp_path, repa_options):
+    _, probe, probe_dir = _resume_run(tmp_path, repa_options, "probe", 6, None)
     ema = {s: v["repa/similarity_ema"] for s, v in _repa_rows(probe_dir).items()}
     steps = sorted(ema)
     before, after = max(ema[s] for s in steps[:3]), max(ema[s] for s in steps[3:5])
     assert after > before, "premise: the similarity EMA rises after the resume point"
     threshold = (before + after) / 2
 
-    full, full_repa, full_dir = _resume_run(tmp_path, "full", 6, threshold)
+    full, full_repa, full_dir = _resume_run(tmp_path, repa_options, "full", 6, threshold)
     assert full_repa.cutoff.tripped_at is not None and full_repa.cutoff.tripped_at >= 3
 
-    _resume_run(tmp_path, "first", 3, threshold, every=3)
+    _resume_run(tmp_path, repa_options, "first", 3, threshold, every=3)
     ckpt = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
     assert ckpt.exists()
-    resumed, resumed_repa, resumed_dir = _resume_run(tmp_path, "resumed", 6, threshold, ckpt_path=str(ckpt))
+    resumed, resumed_repa, resumed_dir = _resume_run(tmp_path, repa_options, "resumed", 6, threshold, ckpt_path=str(ckpt))
 
     assert resumed_repa.cutoff.state_dict() == full_repa.cutoff.state_dict()
     for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
