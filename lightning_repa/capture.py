@@ -7,13 +7,25 @@ unarmed steps are ignored, and nothing is kept past `take`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_repa.families import Family, call_arguments
+from lightning_repa.families import Family, Grid, call_arguments
+
+
+@dataclass
+class Captured:
+    """What one step captured: block index -> image tokens (B, N, D), on the student grid."""
+
+    tokens: dict[int, Tensor]
+    grid: Grid
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.tokens[index]
 
 
 class BlockCapture:
@@ -35,7 +47,7 @@ class BlockCapture:
         self.blocks = family.block_modules(denoiser)
         for index in indices:
             if not 0 <= index < len(self.blocks):
-                lists = ", ".join(f"{s.attr}: {len(getattr(denoiser, s.attr))}" for s in family.blocks)
+                lists = ", ".join(f"{s.attr}: {len(s.modules(denoiser, family.name))}" for s in family.blocks)
                 raise IndexError(
                     f"block index {index} is out of range for family={family.name!r}: "
                     f"{type(denoiser).__name__} has {len(self.blocks)} blocks ({lists}); use 0..{len(self.blocks) - 1}"
@@ -88,6 +100,10 @@ class BlockCapture:
             )
         return self._captured.pop(index)
 
+    def take_all(self, grid: Grid) -> Captured:
+        """Every captured block (each an error if it never ran), on the student `grid`; nothing is kept."""
+        return Captured({index: self.take(index) for index in self.indices}, grid)
+
     # --- hooks ---------------------------------------------------------------
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         # The first forward *with gradients*: a no-grad pass first (self-conditioning, a target)
@@ -101,8 +117,7 @@ class BlockCapture:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if not self._armed or index in self._captured or self._call is None:
                 return
-            stream = output if spec.output is None else output[spec.output]
-            tokens = spec.select(stream, self._num_tokens, self._call)  # (B, N, D)
+            tokens = spec.select(spec.stream(output), self._num_tokens, self._call)  # (B, N, D)
             if tokens.shape[1] != self._num_tokens:
                 raise RuntimeError(
                     f"family={self.family.name!r}, block {index}: expected {self._num_tokens} image tokens from the "

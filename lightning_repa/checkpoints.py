@@ -13,7 +13,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -58,17 +58,36 @@ def _read_checkpoint_file(path: Path) -> Any:
 
 def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
     """Peel "model"/"state_dict"/"teacher" wrappers and drop non-tensor entries (epoch counters, ...)."""
+    peeled: list[str] = []
     while isinstance(obj, Mapping):
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
+        key = next((k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if key is None:
             break
-        obj = inner
+        obj = obj[key]
+        peeled.append(key)
     if not isinstance(obj, Mapping):
         raise ValueError(
             f"`encoder_checkpoint`={str(path)!r} holds a {type(obj).__name__}, not a state dict; "
             "save the weights with torch.save(model.state_dict(), path)."
         )
-    return {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
+    state_dict = {str(k): v for k, v in obj.items() if isinstance(v, Tensor)}
+    if not state_dict:
+        _raise_no_tensors(obj, peeled, path)
+    return state_dict
+
+
+def _raise_no_tensors(obj: Mapping, peeled: list[str], path: Path) -> NoReturn:
+    """An empty file, an empty "state_dict", or only counters: say what is there and what is expected."""
+    where = f" under {'/'.join(repr(k) for k in peeled)}" if peeled else ""
+    if obj:
+        found = f"a dict{where} with no tensors (keys {_list_keys(sorted(map(str, obj)))})"
+    else:
+        found = f"an empty dict{where}"
+    raise ValueError(
+        f"`encoder_checkpoint`={str(path)!r} holds no weights: found {found}; expected the encoder's "
+        "state dict, parameter names mapped to tensors (e.g. 'blocks.0.attn.qkv.weight'). Re-save the "
+        "weights with torch.save(model.state_dict(), path) or as .safetensors."
+    )
 
 
 def _strip_prefix(state_dict: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -113,6 +132,8 @@ def _timm_filter(model: nn.Module) -> Callable[[dict[str, Tensor], nn.Module], d
 
 
 def _list_keys(keys: list[str]) -> str:
+    if not keys:
+        return "0 (none)"
     shown = ", ".join(keys[:_MAX_LISTED_KEYS])
     more = f", ... (+{len(keys) - _MAX_LISTED_KEYS} more)" if len(keys) > _MAX_LISTED_KEYS else ""
     return f"{len(keys)}: [{shown}{more}]"

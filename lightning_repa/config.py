@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 
 class _Choice(str, Enum):
@@ -86,8 +86,9 @@ class RepaConfig:
 
     # --- what to align -------------------------------------------------------
     family: str = "flux"
-    """Model family (`lightning_repa.families.FAMILIES`): flux, flux2, sd3, chroma, sana,
-    pixart, hidream, auraflow, lumina2. It fixes the block lists, token layout and grid."""
+    """Model family (`lightning_repa.families.FAMILIES`). It fixes the block lists, token layout,
+    grid and method. DiTs (method repa): flux, flux2, sd3, chroma, sana, pixart, hidream,
+    auraflow, lumina2. UNets (method urepa, the mid block): sdxl, sd15, kolors."""
     method: Optional[Method] = None
     """repa | urepa | crepa. None takes the family's own method; a method that does not fit
     the family is an error that names the right one."""
@@ -96,7 +97,8 @@ class RepaConfig:
     searches `denoiser`, `transformer`, `unet`, `model`, in that order."""
     block_index: Optional[int] = None
     """0-based index over all transformer blocks in forward order (dual-stream blocks first,
-    then single-stream). None takes the family default (8, or 10 for sana and pixart)."""
+    then single-stream). None takes the family default (8, or 10 for sana and pixart). UNets
+    have one block to align, the mid block (index 0)."""
     lam: float = 0.5
     """Peak weight of the alignment loss (REPA paper: 0.5)."""
 
@@ -197,44 +199,35 @@ class RepaConfig:
         self.validate()
 
     def validate(self) -> "RepaConfig":
-        """Parse choices, check ranges and combinations; return self."""
+        """Parse choices, check ranges and every combination that needs no model; return self.
+
+        The one home of option validation: ranges (`RANGES`), the family and the method that fits
+        it, the options only one method reads (declared by that method's objective), the backbone
+        teacher's block order, and options that the chosen decoder, teacher or projector never read.
+        """
         for f in fields(self):
             kind = _ENUM_FIELDS.get(f.name)
             value = getattr(self, f.name)
             if kind is not None and value is not None:
                 setattr(self, f.name, kind.parse(value, f.name))
-        _require(self.lam >= 0, "lam", self.lam, "a weight >= 0")
-        _require(self.block_index is None or self.block_index >= 0, "block_index", self.block_index, ">= 0")
-        _require(self.projector_hidden > 0, "projector_hidden", self.projector_hidden, "> 0")
-        _require(self.encoder_image_size > 0, "encoder_image_size", self.encoder_image_size, "> 0")
-        _require(self.encoder_batch_size >= 0, "encoder_batch_size", self.encoder_batch_size, ">= 0 (0: whole batch)")
-        _require(self.manifold_weight >= 0, "manifold_weight", self.manifold_weight, ">= 0")
-        _require(self.distance >= 0, "distance", self.distance, ">= 0")
-        _require(self.tau > 0, "tau", self.tau, "> 0")
-        _require(0 <= self.irepa_alpha <= 1, "irepa_alpha", self.irepa_alpha, "in [0, 1]")
-        _require(self.irepa_kernel_size % 2 == 1, "irepa_kernel_size", self.irepa_kernel_size, "odd")
-        _require(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
-        _require(self.decay_steps >= 0, "decay_steps", self.decay_steps, ">= 0 (0: until max_steps)")
-        _require(self.lambda_end >= 0, "lambda_end", self.lambda_end, ">= 0")
-        _require(self.power > 0, "power", self.power, "> 0")
-        _require(self.cutoff_step >= 0, "cutoff_step", self.cutoff_step, ">= 0 (0: never)")
-        _require(0 < self.similarity_ema_decay < 1, "similarity_ema_decay", self.similarity_ema_decay, "in (0, 1)")
-        _require(
-            self.similarity_threshold is None or -1 <= self.similarity_threshold <= 1,
-            "similarity_threshold", self.similarity_threshold, "a cosine similarity in [-1, 1] or None",
-        )
+        for name in RANGES:
+            check_option(name, getattr(self, name))
         self.pixels_range = [float(v) for v in self.pixels_range]
         _require(self.pixels_range in ([0.0, 1.0], [-1.0, 1.0]), "pixels_range", self.pixels_range, "[0, 1] or [-1, 1]")
-        if self.teacher is Teacher.backbone:
-            if self.teacher_block_index is None:
-                raise ValueError("`teacher=backbone` needs `teacher_block_index` (a block deeper than `block_index`)")
-            if self.block_index is not None and self.teacher_block_index <= self.block_index:
-                raise ValueError(
-                    f"`teacher_block_index` ({self.teacher_block_index}) must be greater than `block_index` "
-                    f"({self.block_index}): a teacher at or before the student block aligns nothing"
-                )
-        elif self.teacher_block_index is not None:
-            raise ValueError("`teacher_block_index` is only used with `teacher=backbone`; remove it or set teacher=backbone")
+        family = self._family()
+        method = self.method or family.method
+        if method is not family.method:
+            raise ValueError(
+                f"method={method.value!r} does not fit family={family.name!r}; use method={family.method.value!r} "
+                f"({family.name} is a {family.method.value} family)"
+            )
+        self._check_method_options(method)
+        if method is Method.urepa and self.teacher is Teacher.backbone:
+            raise ValueError(
+                "`teacher=backbone` needs a deeper block of the same model, but U-REPA aligns the UNet's "
+                "mid block only; use teacher=encoder"
+            )
+        self._check_teacher(family.default_block_index if self.block_index is None else self.block_index)
         if self.decoder is Decoder.tae and not self.tae_checkpoint:
             raise ValueError("`decoder=tae` needs `tae_checkpoint` (a taesd .pth file or an AutoencoderTiny directory)")
         if self.irepa and self.projector is Projector.mlp:
@@ -243,6 +236,38 @@ class RepaConfig:
             self.projector = Projector.conv
         self._refuse_unused()
         return self
+
+    def _family(self) -> Any:
+        from lightning_repa.families import get_family  # families import this module
+
+        return get_family(self.family)
+
+    def _check_method_options(self, method: Method) -> None:
+        """An option that only another method reads is an error, not a silent no-op."""
+        from lightning_repa.objectives import OBJECTIVES  # objectives import this module
+
+        for other, objective in OBJECTIVES.items():
+            ignored = self.non_default(objective.options) if other is not method else []
+            if ignored:
+                raise ValueError(
+                    f"`{ignored[0]}` is a {other.value} option; it has no effect with method={method.value!r}"
+                )
+
+    def _check_teacher(self, block_index: int) -> None:
+        if self.teacher is not Teacher.backbone:
+            if self.teacher_block_index is not None:
+                raise ValueError(
+                    "`teacher_block_index` is only used with `teacher=backbone`; remove it or set teacher=backbone"
+                )
+            return
+        if self.teacher_block_index is None:
+            raise ValueError("`teacher=backbone` needs `teacher_block_index` (a block deeper than `block_index`)")
+        if self.teacher_block_index <= block_index:
+            unset = " (the family default, as `block_index` is unset)" if self.block_index is None else ""
+            raise ValueError(
+                f"`teacher_block_index` ({self.teacher_block_index}) must be greater than `block_index` "
+                f"({block_index}{unset}): a teacher at or before the student block aligns nothing"
+            )
 
     def non_default(self, names: tuple[str, ...]) -> list[str]:
         """The options among `names` whose value differs from their default."""
@@ -292,3 +317,42 @@ _ENUM_FIELDS = {
 def _require(ok: bool, option: str, value: Any, expected: str) -> None:
     if not ok:
         raise ValueError(f"`{option}` must be {expected}, got {value!r}")
+
+
+def _int(test: Callable[[int], bool]) -> Callable[[Any], bool]:
+    return lambda v: not isinstance(v, bool) and isinstance(v, int) and test(v)
+
+
+def _num(test: Callable[[float], bool]) -> Callable[[Any], bool]:
+    return lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and test(v)
+
+
+# The range of every numeric option, checked here only (by `RepaConfig.validate` and by the
+# schedule classes when used on their own): option -> (test, what is expected).
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lam": (_num(lambda v: v >= 0), "a weight >= 0"),
+    "block_index": (lambda v: v is None or _int(lambda i: i >= 0)(v), "an integer >= 0 (None: the family default)"),
+    "projector_hidden": (_int(lambda v: v > 0), "an integer > 0"),
+    "encoder_image_size": (_int(lambda v: v > 0), "an integer > 0"),
+    "encoder_batch_size": (_int(lambda v: v >= 0), "an integer >= 0 (0: the whole batch)"),
+    "manifold_weight": (_num(lambda v: v >= 0), ">= 0"),
+    "distance": (_int(lambda v: v >= 0), "an integer >= 0"),
+    "tau": (_num(lambda v: v > 0), "> 0"),
+    "irepa_alpha": (_num(lambda v: 0 <= v <= 1), "in [0, 1]"),
+    "irepa_kernel_size": (_int(lambda v: v > 0 and v % 2 == 1), "an odd integer > 0"),
+    "warmup_steps": (_int(lambda v: v >= 0), "an integer >= 0"),
+    "decay_steps": (_int(lambda v: v >= 0), "an integer >= 0 (0: until max_steps)"),
+    "lambda_end": (_num(lambda v: v >= 0), "a weight >= 0"),
+    "power": (_num(lambda v: v > 0), "> 0"),
+    "cutoff_step": (_int(lambda v: v >= 0), "an integer >= 0 (0: never)"),
+    "similarity_ema_decay": (_num(lambda v: 0 < v < 1), "in (0, 1)"),
+    "similarity_threshold": (
+        lambda v: v is None or _num(lambda t: -1 <= t <= 1)(v), "a cosine similarity in [-1, 1], or None (never)"
+    ),
+}
+
+
+def check_option(option: str, value: Any) -> None:
+    """Raise a ValueError naming `option` when `value` is outside its range (`RANGES`)."""
+    test, expected = RANGES[option]
+    _require(test(value), option, value, expected)

@@ -1,6 +1,9 @@
-"""Frozen vision encoders (the REPA teacher) and the iREPA teacher normalisation.
+"""Frozen vision encoders (the REPA teacher).
 
-SPEC sections 4 and 6.4. The teacher tokens are the **patch tokens** of the
+`spatial_zscore` (the iREPA teacher normalisation) lives with the objectives and is re-exported
+here under its public name.
+
+SPEC section 4. The teacher tokens are the **patch tokens** of the
 final normed features of a timm ViT (prefix tokens, i.e. CLS and registers,
 dropped; SPEC 12.1), computed on images resized so that the token grid keeps
 the image's aspect ratio (SPEC 12.2).
@@ -27,6 +30,7 @@ from torch import Tensor, nn
 
 from lightning_repa.checkpoints import checkpoint_path, load_into, read_checkpoint
 from lightning_repa.hub import create_pretrained
+from lightning_repa.objectives.base import spatial_zscore  # public here too (SPEC section 2)
 
 __all__ = [
     "ENCODER_ALIASES",
@@ -266,25 +270,3 @@ def load_encoder(name: str, image_size: int = 224, checkpoint: str | os.PathLike
         state_dict = read_checkpoint(meta, path, name)
         model = load_into(meta, state_dict, path, name, lambda: _create(timm_name, name, image_size))
     return FrozenEncoder(model, image_size=image_size)
-
-
-# --------------------------------------------------------------------------- iREPA
-
-
-def spatial_zscore(f: Tensor, alpha: float = 0.6) -> Tensor:
-    """iREPA teacher normalisation over the tokens of (..., N, D), per channel.
-
-    `(f - alpha * mean_N f) / (std_N f + 1e-6)`, with the unbiased std over N
-    (torch's default, as in the iREPA code). alpha=1 is a plain z-score,
-    alpha=0 only rescales.
-    """
-    if f.ndim < 2:
-        raise ValueError(f"spatial_zscore expects (..., N, D) tokens, got shape {tuple(f.shape)}.")
-    if f.shape[-2] < 2:
-        raise ValueError(
-            f"spatial_zscore needs at least 2 tokens per frame to take a std over them, got N={f.shape[-2]}; "
-            "iREPA (`irepa`) needs spatial tokens, so do not combine it with spatial_align=False."
-        )
-    mean = f.mean(dim=-2, keepdim=True)  # (..., 1, D)
-    std = f.std(dim=-2, keepdim=True)  # (..., 1, D)
-    return (f - alpha * mean) / (std + 1e-6)  # (..., N, D)

@@ -53,11 +53,64 @@ def _after_caption(x: Tensor, n: int, call: dict[str, Any]) -> Tensor:
 
 @dataclass(frozen=True)
 class BlockList:
-    """One `nn.ModuleList` of blocks and how to read the image stream from its outputs."""
+    """Blocks at one attribute of the denoiser and how to read the image stream from their outputs.
+
+    The attribute holds an `nn.ModuleList` (DiT blocks) or one module (a UNet's `mid_block`).
+    """
 
     attr: str
     output: Optional[int] = None  # tuple element holding the image stream; None: a tensor
     select: TokenSelector = _all  # where the image tokens sit in that stream
+    feature_map: bool = False  # the stream is (B, C, H, W), flattened row-major to (B, H*W, C)
+
+    def stream(self, output: Any) -> Tensor:
+        """The image stream of one block output, as tokens (B, L, D)."""
+        x = output if self.output is None else output[self.output]
+        return x.flatten(2).transpose(1, 2) if self.feature_map else x  # (B, H*W, C) from (B, C, H, W)
+
+    def modules(self, model: nn.Module, family: str) -> list[nn.Module]:
+        found = getattr(model, self.attr, None)
+        if isinstance(found, nn.ModuleList):
+            return list(found)
+        if isinstance(found, nn.Module):
+            return [found]
+        what = "is None" if found is None and hasattr(model, self.attr) else "does not exist"
+        raise ValueError(
+            f"family={family!r}: `{self.attr}` of {type(model).__name__} {what}, so there is no block to align; "
+            f"use a {type(model).__name__} config that has `{self.attr}`"
+        )
+
+
+def _transformer_width(model: nn.Module) -> int:
+    """Width of the residual stream of a transformer's blocks."""
+    config = getattr(model, "config", None)
+    for key in ("hidden_size", "model_dim"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    inner = getattr(model, "inner_dim", None)
+    if inner:
+        return int(inner)
+    return int(config.num_attention_heads * config.attention_head_dim)
+
+
+def _patch_stride(model: nn.Module) -> Grid:
+    """Latent positions per token side of a DiT: its patch size (the pipeline's packing is the family's)."""
+    patch = getattr(model.config, "patch_size", 1) or 1
+    if isinstance(patch, (tuple, list)):
+        patch = patch[-2:] if len(patch) >= 2 else (patch[0], patch[0])
+        return int(patch[0]), int(patch[1])
+    return int(patch), int(patch)
+
+
+def _unet_width(model: nn.Module) -> int:
+    """Channels of a UNet's mid block: those of its deepest down block."""
+    return int(model.config.block_out_channels[-1])
+
+
+def _unet_stride(model: nn.Module) -> Grid:
+    """Latent positions per mid-block position: 2 ** (the down blocks that downsample)."""
+    downsamples = sum(getattr(block, "downsamplers", None) is not None for block in model.down_blocks)
+    return 2**downsamples, 2**downsamples
 
 
 @dataclass(frozen=True)
@@ -69,13 +122,15 @@ class Family:
     default_block_index: int
     pack: int = 1  # spatial packing done by the pipeline before the transformer (flux: 2x2)
     latent_format: str = "kl"  # how to undo the training-space transform (decoders.LATENT_FORMATS)
+    width: Callable[[nn.Module], int] = _transformer_width  # channels of the captured stream
+    stride: Callable[[nn.Module], Grid] = _patch_stride  # latent positions per token, per side (x pack)
 
     # --- structure ---------------------------------------------------------
     def check_class(self, model: nn.Module) -> None:
         names = {cls.__name__ for cls in type(model).__mro__}
         if not names & set(self.classes):
-            owner = [f.name for f in FAMILIES.values() if names & set(f.classes)]
-            hint = f"; it belongs to family {owner[0]!r}: set family={owner[0]}" if owner else ""
+            owners = [f.name for f in FAMILIES.values() if names & set(f.classes)]
+            hint = f"; it belongs to family {' or '.join(map(repr, owners))}: set family={'|'.join(owners)}" if owners else ""
             raise ValueError(
                 f"family={self.name!r} expects a denoiser of class {' or '.join(self.classes)}, "
                 f"got {type(model).__name__}{hint}"
@@ -83,32 +138,17 @@ class Family:
 
     def block_modules(self, model: nn.Module) -> list[tuple[BlockList, nn.Module]]:
         """All blocks in forward order, each with the list it came from."""
-        out = []
-        for spec in self.blocks:
-            blocks = getattr(model, spec.attr, None)
-            if not isinstance(blocks, nn.ModuleList):
-                raise ValueError(f"family={self.name!r}: {type(model).__name__} has no block list `{spec.attr}`")
-            out.extend((spec, block) for block in blocks)
-        return out
+        return [(spec, block) for spec in self.blocks for block in spec.modules(model, self.name)]
 
     def hidden_size(self, model: nn.Module) -> int:
-        """Width of the residual stream of the blocks."""
-        config = getattr(model, "config", None)
-        for key in ("hidden_size", "model_dim"):
-            if getattr(config, key, None):
-                return int(getattr(config, key))
-        inner = getattr(model, "inner_dim", None)
-        if inner:
-            return int(inner)
-        return int(config.num_attention_heads * config.attention_head_dim)
+        """Width of the captured stream (the projector's input)."""
+        return self.width(model)
 
     # --- geometry ----------------------------------------------------------
     def patch_hw(self, model: nn.Module) -> Grid:
-        patch = getattr(model.config, "patch_size", 1) or 1
-        if isinstance(patch, (tuple, list)):
-            patch = patch[-2:] if len(patch) >= 2 else (patch[0], patch[0])
-            return int(patch[0]) * self.pack, int(patch[1]) * self.pack
-        return int(patch) * self.pack, int(patch) * self.pack
+        """Latent positions per token side: the model's patch size or downsampling, times the packing."""
+        sh, sw = self.stride(model)
+        return sh * self.pack, sw * self.pack
 
     def grid(self, latent_shape: torch.Size | tuple[int, ...], model: nn.Module) -> Grid:
         """Token grid (h', w') of the image stream for training latents (B, C, h, w)."""
@@ -121,7 +161,8 @@ class Family:
         ph, pw = self.patch_hw(model)
         if h % ph or w % pw:
             raise ValueError(
-                f"family={self.name!r}: latents of size {h}x{w} are not divisible by the patch/packing size {ph}x{pw}"
+                f"family={self.name!r}: latents of size {h}x{w} are not divisible by {ph}x{pw}, the "
+                f"{'downsampling' if self.stride is _unet_stride else 'patch/packing size'} of {type(model).__name__}"
             )
         return h // ph, w // pw
 
@@ -158,6 +199,9 @@ FAMILIES: dict[str, Family] = {
         Family("lumina2", _DIT, ("Lumina2Transformer2DModel",), (BlockList("layers", None, _after_caption),), 8),
         Family("sana", _DIT, ("SanaTransformer2DModel",), (BlockList("transformer_blocks"),), 10),
         Family("pixart", _DIT, ("PixArtTransformer2DModel",), (BlockList("transformer_blocks"),), 10),
+        # U-REPA: the UNet's mid block, (B, C, H, W) at latent / 2**downsamples (SDXL 128 -> 32, SD 1.5 64 -> 8).
+        *(Family(name, Method.urepa, ("UNet2DConditionModel",), (BlockList("mid_block", feature_map=True),), 0,
+                 width=_unet_width, stride=_unet_stride) for name in ("sdxl", "sd15", "kolors")),
     )
 }
 

@@ -73,7 +73,10 @@ class AppConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     seed: int = 0
-    """Seeds Python, NumPy and torch (``lightning.seed_everything``) before anything is built."""
+    """The run's seed: ``lightning.seed_everything`` (Python, NumPy, torch: noise, timesteps, the
+    projector's init) before anything is built, and through ``${seed}`` the demo's ``model.seed``
+    (initialisation) and ``data.seed`` (shuffle). The held-out split has its own fixed
+    ``data.split_seed``, so runs of different seeds are scored on the same digits."""
     torch_threads: Optional[int] = None
     """``torch.set_num_threads`` before training (intra-op CPU threads); None keeps torch's default
     (one per core). Small CPU models run best on 1, and many threads on a busy machine are slower."""

@@ -7,9 +7,10 @@ steps taken so far (it does not count micro-batches of gradient accumulation).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Optional
 
-from lightning_repa.config import ScheduleKind, ThresholdMode
+from lightning_repa.config import ScheduleKind, ThresholdMode, check_option
 
 
 class WeightSchedule:
@@ -43,14 +44,9 @@ class WeightSchedule:
         max_steps: Optional[int] = None,
     ) -> None:
         self.kind = ScheduleKind.parse(kind, "schedule")
-        for name, value in (("lam", lam), ("lambda_end", lambda_end)):
-            if value < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {value}")
-        for name, value in (("warmup_steps", warmup_steps), ("decay_steps", decay_steps)):
-            if int(value) != value or value < 0:
-                raise ValueError(f"`{name}` must be an integer >= 0, got {value}")
-        if power <= 0:
-            raise ValueError(f"`power` must be > 0, got {power}")
+        for name, value in (("lam", lam), ("lambda_end", lambda_end), ("warmup_steps", warmup_steps),
+                            ("decay_steps", decay_steps), ("power", power)):
+            check_option(name, value)
         self.lam, self.lambda_end, self.power = float(lam), float(lambda_end), float(power)
         self.warmup_steps, self.decay_steps = int(warmup_steps), int(decay_steps)
         self.max_steps = max_steps
@@ -117,12 +113,9 @@ class Cutoff:
         ema_decay: float = 0.99,
         mode: str = "permanent",
     ) -> None:
-        if int(cutoff_step) != cutoff_step or cutoff_step < 0:
-            raise ValueError(f"`cutoff_step` must be an integer >= 0 (0: never), got {cutoff_step}")
-        if threshold is not None and not -1.0 <= threshold <= 1.0:
-            raise ValueError(f"`similarity_threshold` must be a cosine similarity in [-1, 1], got {threshold}")
-        if not 0.0 < ema_decay < 1.0:
-            raise ValueError(f"`similarity_ema_decay` must be in (0, 1), got {ema_decay}")
+        for name, value in (("cutoff_step", cutoff_step), ("similarity_threshold", threshold),
+                            ("similarity_ema_decay", ema_decay)):
+            check_option(name, value)
         self.cutoff_step = int(cutoff_step)
         self.threshold = threshold
         self.ema_decay = float(ema_decay)
@@ -151,26 +144,71 @@ class Cutoff:
         """True when a similarity must still be measured while the loss is off (recoverable)."""
         return self.threshold is not None and self.mode is ThresholdMode.recoverable
 
+    def past_step(self, step: int) -> bool:
+        """True from `cutoff_step` on (the step cutoff; never when `cutoff_step` is 0)."""
+        return self.cutoff_step > 0 and step >= self.cutoff_step
+
     def is_active(self, step: int) -> bool:
-        if self.cutoff_step > 0 and step >= self.cutoff_step:
-            return False
-        if self.tripped_at is not None:
-            return False
-        return self.below
+        """True while the loss is on at `step`."""
+        return not self.past_step(step) and self.tripped_at is None and self.below
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The options that shape the decisions, saved beside the state."""
+        return {"cutoff_step": self.cutoff_step, "threshold": self.threshold, "ema_decay": self.ema_decay,
+                "mode": self.mode.value}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": self.ema, "tripped_at": self.tripped_at, "below": self.below}
+        return {"ema": self.ema, "tripped_at": self.tripped_at, "below": self.below, "settings": self.settings}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> list[str]:
+        """Restore the EMA and the latch; return the settings that differ from the saved ones, as
+        ``"name: saved -> now"`` (empty for checkpoints written before settings were saved)."""
         missing = {"ema", "tripped_at", "below"} - set(state)
         if missing:
             raise KeyError(f"Cutoff state is missing {sorted(missing)}")
         self.ema = None if state["ema"] is None else float(state["ema"])
         self.tripped_at = None if state["tripped_at"] is None else int(state["tripped_at"])
         self.below = bool(state["below"])
+        saved = state.get("settings", {})
+        return [f"{k}: {saved[k]!r} -> {v!r}" for k, v in self.settings.items() if k in saved and saved[k] != v]
 
     def __repr__(self) -> str:
         return (
             f"Cutoff(cutoff_step={self.cutoff_step}, threshold={self.threshold}, ema_decay={self.ema_decay}, "
             f"mode={self.mode.value!r}, ema={self.ema}, tripped_at={self.tripped_at})"
         )
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one optimizer step does: its weight, and whether it measures the similarity at all."""
+
+    step: int
+    weight: float  # schedule x cutoff; 0 adds no loss
+    measure: bool  # compute student and teacher tokens (True whenever weight > 0)
+
+
+class Gate:
+    """The one place that decides, per optimizer step, the weight and whether to measure.
+
+    `weight = schedule(step)` while the cutoff is active, else 0. A step measures when its weight
+    is positive, or, with a recoverable similarity cutoff that is off, when the schedule and the
+    step cutoff would still give it a weight: the similarity must keep being measured (without
+    gradients) for the loss to come back on. A permanent or step cutoff does no work at all.
+
+    Example::
+
+        >>> gate = Gate(WeightSchedule("constant", lam=0.5, warmup_steps=2), Cutoff(cutoff_step=3))
+        >>> [(p.weight, p.measure) for p in map(gate.plan, range(4))]
+        [(0.0, False), (0.25, True), (0.5, True), (0.0, False)]
+    """
+
+    def __init__(self, schedule: WeightSchedule, cutoff: Cutoff) -> None:
+        self.schedule, self.cutoff = schedule, cutoff
+
+    def plan(self, step: int) -> StepPlan:
+        scheduled = self.schedule(step)
+        weight = scheduled if self.cutoff.is_active(step) else 0.0
+        keep_measuring = scheduled > 0 and not self.cutoff.past_step(step) and self.cutoff.needs_similarity
+        return StepPlan(int(step), weight, weight > 0 or keep_measuring)

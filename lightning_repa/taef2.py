@@ -20,7 +20,7 @@ from typing import Callable, Dict
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Block", "TAEF2Encoder", "TAEF2Decoder", "TAESanaEncoder", "load_tae"]
+__all__ = ["Block", "TAEF2Encoder", "TAEF2Decoder", "load_tae"]
 
 
 def _conv(n_in: int, n_out: int, **kwargs) -> nn.Conv2d:
@@ -101,24 +101,9 @@ class TAEF2Decoder(nn.Sequential):
         )
 
 
-class TAESanaEncoder(nn.Sequential):
-    """TAESANA encoder (Sana DC-AE f32c32): image (B, 3, H, W) -> (B, 32, H/32, W/32)."""
-
-    def __init__(self, latent_channels: int = 32) -> None:
-        super().__init__(
-            _conv(3, 32, stride=2), nn.ReLU(),  # 0-1: (B, 32, H/2, W/2)
-            _conv(32, 64, stride=2), nn.ReLU(), *_blocks(1),  # 2-4: (B, 64, H/4, W/4)
-            _down(), *_blocks(3),  # 5-8: (B, 64, H/8, W/8)
-            _down(), *_blocks(3),  # 9-12: (B, 64, H/16, W/16)
-            _down(), *_blocks(3),  # 13-16: (B, 64, H/32, W/32)
-            _conv(64, latent_channels),  # 17: (B, 32, H/32, W/32)
-        )
-
-
 _KINDS: Dict[str, Callable[[], nn.Module]] = {
     "taef2_encoder": TAEF2Encoder,
     "taef2_decoder": TAEF2Decoder,
-    "taesana_encoder": TAESanaEncoder,
 }
 
 

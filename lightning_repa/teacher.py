@@ -1,23 +1,44 @@
-"""Teacher tokens for one batch (SPEC section 4): decode the clean latents (or take the
-batch's pixels), run the frozen encoder, in chunks, without gradients. No Lightning."""
+"""Teachers (SPEC section 4): one protocol, `teacher(batch, latents, captured) -> (tokens, grid)`.
+
+- :class:`EncoderTeacher`: decode the clean latents (or take the batch's pixels) and run a frozen
+  image encoder, in chunks, without gradients.
+- :class:`BackboneTeacher`: a deeper block of the same forward, detached; no VAE, no encoder.
+
+:func:`build_teacher` builds the one the options ask for, at one point of the lifecycle (when the
+callback attaches its projector, since the projector's width is the teacher's). A wrapper (e.g. a
+feature cache) only has to keep the call signature. No Lightning.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from lightning_repa.align import Grid
-from lightning_repa.decoders import LatentDecoder, pixels_to_unit
+from lightning_repa.capture import Captured
+from lightning_repa.config import Decoder, RepaConfig, Teacher
+from lightning_repa.decoders import LatentDecoder, load_tiny_decoder, pixels_to_unit
+from lightning_repa.families import Family
+from lightning_repa.surgery import get_path
+
+
+class TeacherProtocol(Protocol):
+    embed_dim: Optional[int]  # width of the teacher tokens; None: the student's own width
+
+    def __call__(self, batch: Mapping[str, Any], latents: Tensor, captured: Captured) -> tuple[Tensor, Grid]:
+        """Teacher tokens (B, M, D) row-major on the returned grid, without gradients."""
+        ...
 
 
 class EncoderTeacher(nn.Module):
-    """`(batch, latents) -> (tokens (B, M, D), grid (gh, gw))` from a frozen image encoder.
+    """`(batch, latents, captured) -> (tokens (B, M, D), grid (gh, gw))` from a frozen image encoder.
 
     `encoder` maps images (B, 3, H, W) in [0, 1] to patch tokens (B, gh*gw, D) and has
     `embed_dim` and `grid_for(H, W)`; `decoder` maps training latents to such images, or is
-    None when the batch carries the images under `pixels_key`.
+    None when the batch carries the images under `pixels_key`. Decoding and encoding run in
+    chunks of `batch_size` images (0: the whole batch at once).
     """
 
     def __init__(
@@ -43,7 +64,7 @@ class EncoderTeacher(nn.Module):
         return torch.cat([self.decoder(z) for z in self._chunks(latents)])
 
     @torch.no_grad()
-    def forward(self, batch: Mapping[str, Any], latents: Tensor) -> tuple[Tensor, Grid]:
+    def forward(self, batch: Mapping[str, Any], latents: Tensor, captured: Optional[Captured] = None) -> tuple[Tensor, Grid]:
         images = self.images(batch, latents)  # (B, 3, H, W)
         if images.dim() != 4:
             raise ValueError(f"teacher images must be (B, 3, H, W), got {tuple(images.shape)}")
@@ -52,3 +73,42 @@ class EncoderTeacher(nn.Module):
 
     def _chunks(self, x: Tensor) -> tuple[Tensor, ...]:
         return x.split(self.batch_size) if self.batch_size > 0 else (x,)
+
+
+class BackboneTeacher:
+    """The tokens of a deeper block (`block_index`) of the same forward, detached, on the student grid."""
+
+    embed_dim = None
+
+    def __init__(self, block_index: int) -> None:
+        self.block_index = block_index
+
+    def __call__(self, batch: Mapping[str, Any], latents: Tensor, captured: Captured) -> tuple[Tensor, Grid]:
+        return captured[self.block_index].detach(), captured.grid  # (B, N, hidden)
+
+    def to(self, *args: Any, **kwargs: Any) -> "BackboneTeacher":
+        return self
+
+
+def build_teacher(
+    cfg: RepaConfig, family: Family, module: nn.Module, build_encoder: Callable[[], nn.Module]
+) -> TeacherProtocol:
+    """The teacher the options ask for; `module` (the LightningModule) holds the VAE at `vae_attr`."""
+    if cfg.teacher is Teacher.backbone:
+        return BackboneTeacher(cfg.teacher_block_index)
+    return EncoderTeacher(
+        build_encoder(), _build_decoder(cfg, family, module), cfg.pixels_key, cfg.pixels_range, cfg.encoder_batch_size
+    )
+
+
+def _build_decoder(cfg: RepaConfig, family: Family, module: nn.Module) -> Optional[LatentDecoder]:
+    if cfg.decoder is Decoder.pixels:
+        return None
+    vae = get_path(module, cfg.vae_attr)
+    if vae is None and (cfg.decoder is Decoder.vae or family.latent_format == "flux2"):
+        raise ValueError(
+            f"decoder={cfg.decoder.value} for family={cfg.family!r} needs the VAE at `vae_attr`={cfg.vae_attr!r} "
+            f"on {type(module).__name__}; attach it there, set `vae_attr`, or use decoder=pixels"
+        )
+    tae = load_tiny_decoder(cfg.tae_checkpoint, family.latent_format) if cfg.decoder is Decoder.tae else None
+    return LatentDecoder(cfg.decoder, family.latent_format, vae=vae, tae=tae)

@@ -1,8 +1,9 @@
-"""Tiny random denoisers of the nine image DiT families, for tests, notebooks and benchmarks.
+"""Tiny random denoisers of the nine image DiT families and the three UNet families, for tests,
+notebooks and benchmarks.
 
 Each entry of `TINY_FAMILIES` builds the real diffusers class with a tiny config (hidden
-size 32, 3-4 transformer blocks, milliseconds per step on CPU) and knows how to call it
-the way a diffusers training script does:
+size 32, 3-4 transformer blocks, or UNets 8-32 channels wide; milliseconds per step on CPU)
+and knows how to call it the way a diffusers training script does:
 
     fam = TINY_FAMILIES["flux"]
     model = fam.build(seed=0)
@@ -17,10 +18,23 @@ Latents are always spatial (B, C, h, w), as training scripts cache them:
   so the token grid is (h, w).
 - sd3, sana, pixart, hidream, auraflow, lumina2: the model patchifies with its own
   `patch_size`; the token grid is (h/p, w/p).
+- sd15, sdxl, kolors (`UNet2DConditionModel`): the U-REPA tap is `unet.mid_block`, whose
+  output (B, C, h/f, w/f) is f = 2**(down blocks that downsample) times smaller than the
+  latent: f = 8 for sd15 (3 of 4 down blocks halve), 4 for sdxl and kolors (2 of 3). Latent
+  sides must be multiples of f (`token_grid` refuses others; the real UNets need the same).
 
 `t` is the noise level in [0, 1] (flow matching sigma, 1 = pure noise); `forward` maps it
-to each class's convention, as its pipeline does (x1000, or 1 - t for lumina2). The output
-is the raw model prediction (no sign flip; pixart's learned-sigma channels are dropped).
+to each class's convention, as its pipeline does (x1000 for the UNets too, or 1 - t for
+lumina2). The output is the raw model prediction (no sign flip; pixart's learned-sigma
+channels are dropped).
+
+The UNets' conditioning is flat like the others'; `forward` hands sdxl's and kolors'
+`text_embeds` (pooled, (B, 32)) and `time_ids` ((B, 6): original size, crop, target size)
+to the model as `added_cond_kwargs`, as StableDiffusionXLPipeline and KolorsPipeline do.
+Kolors differs from SDXL in its text encoder: one ChatGLM3 (hidden 4096) instead of two CLIPs,
+so its UNet projects `encoder_hidden_states` 4096 -> 2048 itself (`encoder_hid_dim_type=
+"text_proj"`, `unet.encoder_hid_proj`) and its pooled `text_embeds` are 4096 wide
+(`projection_class_embeddings_input_dim` 4096 + 6*256 = 5632, SDXL's 1280 + 6*256 = 2816).
 
 Size limits of the tiny configs: sd3 and auraflow take token grids up to 16x16 (latents up
 to 32x32, from `pos_embed_max_size`), hidream non-square latents up to h*w = 1024 (they are
@@ -43,6 +57,7 @@ from diffusers import (
     PixArtTransformer2DModel,
     SanaTransformer2DModel,
     SD3Transformer2DModel,
+    UNet2DConditionModel,
 )
 from torch import Tensor, nn
 
@@ -51,19 +66,25 @@ Cond = dict[str, Tensor]
 TEXT_LEN = 5  # L: text tokens per sample
 TEXT_DIM = 32  # width of every random text embedding
 HIDREAM_LLAMA_LAYERS = 4  # one llama3 layer per hidream block (2 double + 2 single)
+# SDXL micro-conditioning: (original h, w, crop top, left, target h, w), the pipelines' default
+# for 1024x1024 images; the tiny UNets embed each with `addition_time_embed_dim` sinusoids.
+SDXL_TIME_IDS = (1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0)
 
 
 @dataclass(frozen=True)
 class TinyFamily:
-    """A tiny config of one diffusers DiT class and how to run it on spatial latents."""
+    """A tiny config of one diffusers DiT or UNet class and how to run it on spatial latents."""
 
     name: str
     model_class: type[nn.Module]
     config: dict[str, Any] = field(repr=False)
     latent_channels: int  # C of the training-space latent (B, C, h, w)
-    patch: int  # latent pixels per token side: token grid = (h // patch, w // patch)
+    patch: int  # latent pixels per input token side (DiT patchify/packing; 1 for UNets)
     cond_fn: Callable[[int, torch.Generator], Cond] = field(repr=False)
     forward_fn: Callable[[nn.Module, Tensor, Tensor, Cond], Tensor] = field(repr=False)
+    # Further spatial reduction between the input tokens and the captured block: 1 for DiTs,
+    # 2**(down blocks that downsample) for a UNet's mid block. Token grid = h // (patch * downsample).
+    downsample: int = 1
 
     def build(self, seed: int = 0) -> nn.Module:
         """The diffusers model with random weights from `seed`; the global RNG is untouched."""
@@ -80,8 +101,15 @@ class TinyFamily:
         return self.forward_fn(model, x_t, t, cond)
 
     def token_grid(self, h: int, w: int) -> tuple[int, int]:
-        """The (rows, cols) of image tokens for a latent of spatial size (h, w)."""
-        return h // self.patch, w // self.patch
+        """The (rows, cols) of the captured tokens for a latent of spatial size (h, w).
+
+        Raises:
+            ValueError: if h or w is not a multiple of `patch * downsample`.
+        """
+        f = self.patch * self.downsample
+        if h % f or w % f:
+            raise ValueError(f"{self.name}: latent sides must be multiples of {f}, got {h}x{w}")
+        return h // f, w // f
 
 
 # ---------------------------------------------------------------- conditioning
@@ -136,6 +164,14 @@ def _cond_lumina2(b: int, g: torch.Generator) -> Cond:
     lengths = torch.tensor([TEXT_LEN - 2 * (i % 2) for i in range(b)])
     mask = torch.arange(TEXT_LEN)[None] < lengths[:, None]  # (B, L) bool
     return {"encoder_hidden_states": _text(g, b, TEXT_LEN, TEXT_DIM), "encoder_attention_mask": mask}
+
+
+def _cond_sdxl(b: int, g: torch.Generator) -> Cond:
+    return {
+        "encoder_hidden_states": _text(g, b, TEXT_LEN, TEXT_DIM),  # (B, L, 32)
+        "text_embeds": _text(g, b, TEXT_DIM),  # (B, 32): pooled CLIP-G (SDXL), last ChatGLM token (Kolors)
+        "time_ids": torch.tensor(SDXL_TIME_IDS).expand(b, -1).clone(),  # (B, 6)
+    }
 
 
 # ---------------------------------------------------------------- forwards
@@ -212,9 +248,55 @@ def _forward_lumina2(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Tens
     return model(hidden_states=x, timestep=1 - t, return_dict=False, **cond)[0]
 
 
+def _forward_unet(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}  # sdxl, kolors: text_time
+    return model(
+        x,  # (B, C, h, w)
+        t * 1000,  # DDPM-scale timesteps, as the DiTs' pipelines
+        encoder_hidden_states=cond["encoder_hidden_states"],
+        added_cond_kwargs=added or None,
+        return_dict=False,
+    )[0]  # (B, C, h, w)
+
+
 # ---------------------------------------------------------------- families
 
 _DIM = {"num_attention_heads": 2, "attention_head_dim": 16}  # hidden size 32
+
+# SD1.5: CrossAttnDownBlock2D x3 + DownBlock2D, 3 downsamples, widths (320, 640, 1280, 1280),
+# 2 resnets a block, cross-attention on the CLIP-L hidden states (768) directly.
+_SD15 = dict(
+    sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(8, 16, 16, 16), norm_num_groups=4,
+    attention_head_dim=2,  # diffusers' misnomer: 2 heads (SD1.5: 8)
+    cross_attention_dim=TEXT_DIM,
+)
+# SDXL: DownBlock2D, CrossAttnDownBlock2D x2, 2 downsamples, widths (320, 640, 1280), transformer
+# depths (1, 2, 10) (the mid block repeats the last), linear projections, text_time conditioning on
+# the pooled text embedding + 6 sinusoid-embedded `time_ids`.
+_SDXL = dict(
+    sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(8, 16, 32), norm_num_groups=4,
+    attention_head_dim=(1, 2, 4),  # heads (SDXL: 5, 10, 20), 8 channels each
+    transformer_layers_per_block=(1, 1, 2),  # SDXL (1, 2, 10)
+    use_linear_projection=True,
+    cross_attention_dim=TEXT_DIM,  # SDXL: 2048 = CLIP-L 768 + CLIP-G 1280, concatenated
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,  # SDXL: 256
+    projection_class_embeddings_input_dim=TEXT_DIM + 6 * 8,  # pooled + 6 time ids (SDXL: 2816)
+)
+# Kolors: SDXL's UNet, but ChatGLM3 text (4096 wide) projected inside the UNet to the 2048-wide
+# cross-attention (`encoder_hid_proj`), and a 4096-wide pooled embedding (5632 = 4096 + 6*256).
+_KOLORS = dict(
+    _SDXL,
+    cross_attention_dim=TEXT_DIM // 2,  # Kolors: 2048
+    encoder_hid_dim=TEXT_DIM,  # Kolors: 4096, ChatGLM3's hidden size
+    encoder_hid_dim_type="text_proj",
+)
 
 TINY_FAMILIES: dict[str, TinyFamily] = {
     fam.name: fam
@@ -334,6 +416,36 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
             patch=2,
             cond_fn=_cond_lumina2,
             forward_fn=_forward_lumina2,
+        ),
+        TinyFamily(
+            "sd15",
+            UNet2DConditionModel,
+            _SD15,
+            latent_channels=4,
+            patch=1,
+            cond_fn=_cond_text,
+            forward_fn=_forward_unet,
+            downsample=8,  # 3 of the 4 down blocks halve: mid block (h/8, w/8)
+        ),
+        TinyFamily(
+            "sdxl",
+            UNet2DConditionModel,
+            _SDXL,
+            latent_channels=4,
+            patch=1,
+            cond_fn=_cond_sdxl,
+            forward_fn=_forward_unet,
+            downsample=4,  # 2 of the 3 down blocks halve: mid block (h/4, w/4)
+        ),
+        TinyFamily(
+            "kolors",
+            UNet2DConditionModel,
+            _KOLORS,
+            latent_channels=4,
+            patch=1,
+            cond_fn=_cond_sdxl,
+            forward_fn=_forward_unet,
+            downsample=4,  # as sdxl
         ),
     )
 }

@@ -39,8 +39,10 @@ _QUIET = (r".*does not have many workers.*", r".*is smaller than the logging int
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train with REPA as configured; return where things went and the last logged metrics.
 
-    Seeds, builds the data module, the LightningModule, ``RepaCallback.from_config(cfg.repa)``,
-    the loggers, a ``ModelCheckpoint`` and the Trainer, fits (resuming from ``cfg.ckpt_path`` when
+    Checks the config first (values left ``???``, then ``RepaCallback.from_config(cfg.repa)``, so
+    a bad REPA option such as ``repa.family=fluxx`` fails before anything is seeded, created or
+    built), then seeds, builds the data module, the LightningModule, the loggers, a
+    ``ModelCheckpoint`` and the Trainer, fits (resuming from ``cfg.ckpt_path`` when
     set), writes a sample grid into the output directory (and logs it to W&B), and prints one
     block saying where the logs, samples and checkpoints are.
 
@@ -49,23 +51,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ``metrics`` (the trainer's last logged values, as floats).
     """
     _check_config(cfg)
+    repa = RepaCallback.from_config(cfg.repa)  # option errors before anything is seeded or built
     import lightning_repa.demo  # noqa: F401  (registers the shipped digits teacher with timm)
 
     threads = torch.get_num_threads()
     if cfg.torch_threads:
         torch.set_num_threads(cfg.torch_threads)
     try:
-        return _run(cfg)
+        return _run(cfg, repa)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(cfg: DictConfig) -> dict[str, Any]:
+def _run(cfg: DictConfig, repa: RepaCallback) -> dict[str, Any]:
+    # One seed for the whole run: the global RNGs here (noise, timesteps, label dropout, the
+    # projector's init); the demo's model.seed and data.seed follow ${seed} in their files.
     pl.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    repa = RepaCallback.from_config(cfg.repa)  # first: option errors before anything is built
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     model: pl.LightningModule = instantiate(cfg.model)
     checkpoint: ModelCheckpoint = instantiate(cfg.checkpoint)
@@ -109,9 +113,31 @@ def _check_config(cfg: DictConfig) -> None:
         raise ValueError(
             "`paths.output_dir` follows Hydra's run directory; without @hydra.main, set paths.output_dir=..."
         )
-    missing = OmegaConf.missing_keys(cfg)
+    missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ValueError(f"required config values are not set (`???`): {', '.join(sorted(missing))}")
+        raise ValueError(
+            f"required config values are not set (`???` in their config file): {', '.join(missing)}; "
+            f"give them on the command line, e.g. {missing[0]}=<value>"
+        )
+    _check_shared_hyperparameters(cfg)
+
+
+def _check_shared_hyperparameters(cfg: DictConfig) -> None:
+    """With a logger, Lightning logs the LightningModule's and the LightningDataModule's
+    hyperparameters as one dict and refuses a name they share with two values, but only once
+    everything is built; say it first, naming both keys."""
+    if not any(node for node in (cfg.logger or {}).values()):
+        return
+    model, data = (OmegaConf.to_container(cfg[k], resolve=True) if cfg.get(k) else {} for k in ("model", "data"))
+    clashes = sorted(k for k in model.keys() & data.keys() if k != "_target_" and model[k] != data[k])
+    if clashes:
+        k = clashes[0]
+        raise ValueError(
+            f"`model.{k}`={model[k]!r} and `data.{k}`={data[k]!r} differ: with a logger on, Lightning logs both "
+            "modules' hyperparameters as one dict and refuses a name with two values. Give both the same "
+            f"value (model.{k}=<v> data.{k}=<v>; in the demo's files both follow `seed=N`) "
+            "or run with logger=none"
+        )
 
 
 def _logger(name: str, node: DictConfig) -> Logger:

@@ -13,29 +13,24 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
-from helpers import TinyFlow, loader
+from helpers import Recorder, TinyFlow, loader
 from lightning_repa import RepaCallback
 
 
-class Record(L.Callback):
+class Record(Recorder):
     def __init__(self, repa: RepaCallback, out: Path) -> None:
-        self.repa, self.out = repa, out
-        self.data = {"ids": [], "weights": [], "local_similarity": [], "updates": []}
-
-    def on_fit_start(self, trainer, pl_module):
-        metric, cutoff = self.repa._metrics["similarity"], self.repa.cutoff
-        update, cut_update = metric.update, cutoff.update
-        metric.update = lambda v: (self.data["local_similarity"].append(float(v)), update(v))[1]
-        cutoff.update = lambda v, s: (self.data["updates"].append(float(v)), cut_update(v, s))[1]
+        super().__init__(repa)
+        self.out = out
+        self.data = {"ids": []}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.data["ids"] += batch["ids"].tolist()
 
-    def on_train_batch_end(self, trainer, pl_module, *args):
-        self.data["weights"].append(float(trainer.callback_metrics["repa/weight"]))
-
     def on_train_end(self, trainer, pl_module):
         self.data.update(
+            weights=[s["logged"]["repa/weight"] for s in self.steps],
+            local_similarity=[float(r.similarity) for r in self.results if r.measured],
+            updates=[s["similarity"] for s in self.steps if s["similarity"] is not None],
             global_step=trainer.global_step, ema=self.repa.cutoff.ema, tripped_at=self.repa.cutoff.tripped_at,
             projector_sum=[float(p.double().sum()) for p in pl_module.repa_projector.parameters()],
         )

@@ -72,3 +72,45 @@ def trainer(max_steps: int = 3, callbacks: Optional[list] = None, **kwargs: Any)
     )
     options.update(kwargs)
     return L.Trainer(**options)
+
+
+class Recorder(L.Callback):
+    """Observes a RepaCallback through its public seams only (put it after the callback):
+
+    - `results`: each micro-batch's `repa.last_result` (weight, loss, similarity, method terms);
+    - `inputs`: each call of `repa.objective`, as a dict with the student tokens (as handed over,
+      graph included), their grid, the teacher tokens and their grid;
+    - `steps`: once per optimizer step, the step, the similarity logged for it (None when no
+      micro-batch measured), every logged `repa/*` value and the cutoff's EMA after it;
+    - `initial`: the projector's weights at fit start.
+    """
+
+    def __init__(self, repa: Any) -> None:
+        self.repa = repa
+        self.results: list[Any] = []
+        self.inputs: list[dict[str, Any]] = []
+        self.steps: list[dict[str, Any]] = []
+        objective = repa.objective
+
+        def observed(student, grid_s, teacher, grid_t, projector):
+            self.inputs.append(dict(student=student, grid_s=grid_s, teacher=teacher, grid_t=grid_t))
+            return objective(student, grid_s, teacher, grid_t, projector)
+
+        repa.objective = observed
+
+    def on_fit_start(self, trainer, pl_module):
+        projector = getattr(pl_module, self.repa.projector_attr)
+        self.initial = {k: v.detach().clone() for k, v in projector.state_dict().items()}
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        result = self.repa.last_result
+        self.results.append(result)
+        if trainer.global_step == result.step:
+            return  # still accumulating
+        mine = [r for r in self.results if r.step == result.step]
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("repa/")}
+        self.steps.append(dict(step=result.step, logged=logged, ema=self.repa.cutoff.ema,
+                               similarity=logged["repa/similarity"] if any(r.measured for r in mine) else None))
+
+    def measured_steps(self) -> list[int]:
+        return [s["step"] for s in self.steps if s["similarity"] is not None]

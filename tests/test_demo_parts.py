@@ -61,7 +61,7 @@ def test_digits_ids_are_stable_sample_indices():
 
 
 def test_digits_split_is_deterministic_and_disjoint():
-    a, b, c = DigitsDataModule(seed=0), DigitsDataModule(seed=0), DigitsDataModule(seed=1)
+    a, b, c = DigitsDataModule(split_seed=0), DigitsDataModule(split_seed=0), DigitsDataModule(split_seed=1)
     for dm in (a, b, c):
         dm.setup()
     assert torch.equal(a.val_set.ids, b.val_set.ids) and torch.equal(a.train_set.ids, b.train_set.ids)

@@ -75,8 +75,9 @@ def test_unavailable_teacher_cache_is_refused_not_ignored():
 
 
 def test_explicit_zero_means_zero():
-    cfg = RepaConfig(manifold_weight=0.0, lam=0.0)
+    cfg = RepaConfig(family="sd15", manifold_weight=0.0, lam=0.0)
     assert cfg.manifold_weight == 0.0 and cfg.lam == 0.0
+    assert RepaCallback(cfg).objective.manifold_weight == 0.0
 
 
 # --- at fit start, before any optimizer step -----------------------------------------------

@@ -13,10 +13,14 @@ import lightning as L
 import pytest
 import torch
 
-from helpers import TinyFlow, loader, trainer
-from lightning_repa import FAMILIES, RepaCallback
+from helpers import Recorder, TinyFlow, loader, trainer
+from lightning_repa import FAMILIES as ALL_FAMILIES
+from lightning_repa import RepaCallback
+from lightning_repa.config import Method
 from lightning_repa.capture import BlockCapture
 from lightning_repa.tiny_models import TEXT_LEN, TINY_FAMILIES
+
+FAMILIES = {name: f for name, f in ALL_FAMILIES.items() if f.method is Method.repa}  # UNets: test_urepa.py
 
 AURAFLOW_REGISTERS = 8  # AuraFlowTransformer2DModel prepends 8 register tokens to the text
 
@@ -83,29 +87,18 @@ def test_capture_every_block_matches_reference(family: str, hw: tuple[int, int])
     assert not model._forward_hooks and not model._forward_pre_hooks
 
 
-class _Spy(L.Callback):
-    """Records what the REPA callback captured, and the same block's output by a second hook."""
+class _Reference(L.Callback):
+    """Records the hooked block's image tokens by a second, independent hook (with gradients only)."""
 
-    def __init__(self, repa: RepaCallback, attr: str, ref: Reference) -> None:
-        self.repa, self.attr, self.ref = repa, attr, ref
-        self.captured: list[torch.Tensor] = []
+    def __init__(self, attr: str, ref: Reference) -> None:
+        self.attr, self.ref = attr, ref
         self.reference: list[torch.Tensor] = []
-        self.first_grads: dict[str, torch.Tensor] = {}
 
     def on_fit_start(self, trainer, pl_module):
-        self.initial = [p.detach().clone() for p in pl_module.repa_projector.parameters()]
-        take = self.repa._capture.take
-
-        def spy_take(index):
-            out = take(index)
-            self.captured.append(out.detach().clone())
-            return out
-
-        self.repa._capture.take = spy_take
         call: dict[str, Any] = {}
         model = pl_module.transformer
         model.register_forward_pre_hook(lambda m, a, k: call.update(k), with_kwargs=True)
-        grid = self.repa.family.grid((1, pl_module.fam.latent_channels, 8, 16), model)
+        grid = TINY_FAMILIES[pl_module.family_name].token_grid(8, 16)
 
         def hook(m, a, o):
             if torch.is_grad_enabled():
@@ -131,19 +124,20 @@ def test_family_trains_with_repa(family: str, repa_options: dict):
     model = TinyFlow(family)
     n_blocks = sum(len(getattr(model.transformer, a)) for a in REFERENCE[family])
     repa = RepaCallback(family=family, block_index=n_blocks - 1, lam=1.0, **repa_options)
-    spy, grads = _Spy(repa, attr, REFERENCE[family][attr]), _Grads()
+    record, ref, grads = Recorder(repa), _Reference(attr, REFERENCE[family][attr]), _Grads()
     L.seed_everything(0)
-    trainer(3, [repa, spy, grads]).fit(model, loader(family))
+    trainer(3, [repa, record, ref, grads]).fit(model, loader(family))
 
     projector = model.repa_projector
-    assert len(spy.captured) == 3 and len(spy.reference) == 3
+    captured = [inputs["student"].detach() for inputs in record.inputs]  # what the projector was fed
+    assert len(captured) == 3 and len(ref.reference) == 3
     hidden = FAMILIES[family].hidden_size(model.transformer)
-    for got, ref in zip(spy.captured, spy.reference):
-        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    for got, want in zip(captured, ref.reference):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
     grid = TINY_FAMILIES[family].token_grid(8, 16)
-    assert spy.captured[0].shape == (2, grid[0] * grid[1], hidden)
+    assert captured[0].shape == (2, grid[0] * grid[1], hidden) and record.inputs[0]["grid_s"] == grid
 
-    changed = [not torch.equal(a, b) for a, b in zip(projector.parameters(), spy.initial)]
+    changed = [not torch.equal(v, record.initial[k]) for k, v in projector.state_dict().items()]
     assert all(changed), "every projector parameter must be updated"
 
     plain, plain_grads = TinyFlow(family), _Grads()

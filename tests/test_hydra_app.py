@@ -99,10 +99,32 @@ def test_family_files_cover_every_family():
 def test_family_sets_family_and_its_default_block(family):
     cfg = _compose(f"family={family}", "~model")  # without the demo DiT, which picks its own block
     assert cfg.repa.family == family
-    assert cfg.repa.block_index == FAMILIES[family].default_block_index
+    assert cfg.repa.block_index is None  # unset: the default lives in families.py only
     callback = RepaCallback.from_config(cfg.repa)  # builds nothing heavy: the encoder loads in setup
     assert callback.block_index == FAMILIES[family].default_block_index
     assert callback.config.family == family
+
+
+def test_family_files_leave_the_block_to_families_py():
+    for path in sorted((CONF / "family").glob("*.yaml")):
+        node = OmegaConf.load(path)
+        assert "block_index" not in node, f"{path.name} sets block_index; the default lives in families.py"
+        assert "repa.block_index=N" in path.read_text(), f"{path.name} does not say how to override the block"
+
+
+@pytest.mark.parametrize(
+    "overrides,block",
+    [
+        (["experiment=demo"], 2),                          # model/demo_dit.yaml's block for its 8 blocks
+        ([], 2),                                           # the default config is the demo
+        (["experiment=demo", "family=flux"], 2),           # a family choice does not undo the model's block
+        (["experiment=demo", "repa.block_index=5"], 5),    # the command line wins over every file
+    ],
+)
+def test_demo_model_picks_its_block_after_the_family(overrides, block):
+    cfg = _compose(*overrides)
+    assert cfg.repa.block_index == block
+    assert RepaCallback.from_config(cfg.repa).block_index == block
 
 
 @pytest.mark.parametrize(
@@ -182,7 +204,8 @@ def test_own_model_config_from_a_search_path_keeps_the_family_block(tmp_path):
     (tmp_path / "model" / "my_flux.yaml").write_text("_target_: my_pkg.MyFluxModule\nlr: 1.0e-4\n")
     cfg = _compose("family=flux", "model=my_flux", f"hydra.searchpath=[file://{tmp_path}]")
     assert cfg.model._target_ == "my_pkg.MyFluxModule" and cfg.model.lr == 1e-4
-    assert cfg.repa.family == "flux" and cfg.repa.block_index == FAMILIES["flux"].default_block_index
+    assert cfg.repa.family == "flux" and cfg.repa.block_index is None
+    assert RepaCallback.from_config(cfg.repa).block_index == FAMILIES["flux"].default_block_index
 
 
 def test_demo_teacher_checkpoint_resolves_from_any_directory(tmp_path, monkeypatch):
@@ -229,10 +252,38 @@ def test_unknown_choices_fail(override):
         _compose(override)
 
 
-def test_required_values_are_refused_before_training(tmp_path):
-    cfg = _compose("encoder=backbone", f"paths.output_dir={tmp_path}")
-    with pytest.raises(ValueError, match="teacher_block_index"):
+@pytest.mark.parametrize("choice,key", [("encoder=backbone", "teacher_block_index"), ("decoder=tae", "tae_checkpoint")])
+def test_values_a_choice_needs_are_refused_before_anything_is_built(tmp_path, choice, key):
+    cfg = _compose(choice, f"paths.output_dir={tmp_path / 'out'}")
+    with pytest.raises(ValueError, match=rf"needs `{key}`"):
         run(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_required_values_of_own_config_files_are_named(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "my_flux.yaml").write_text(
+        "_target_: my_pkg.MyFluxModule\npretrained: ???   # required\n")
+    cfg = _compose("model=my_flux", f"hydra.searchpath=[file://{tmp_path}]", f"paths.output_dir={tmp_path / 'out'}")
+    with pytest.raises(ValueError) as info:
+        run(cfg)
+    msg = str(info.value)
+    assert "required config values are not set (`???`" in msg and "e.g. model.pretrained=<value>" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_family_typo_is_refused_before_anything_is_built(tmp_path, monkeypatch):
+    import lightning_repa.train as train
+
+    built = []
+    monkeypatch.setattr(train, "instantiate", lambda node, **kw: built.append(node._target_))
+    monkeypatch.setattr(train.pl, "seed_everything", lambda *a, **kw: built.append("seed_everything"))
+    cfg = _compose("repa.family=fluxx", f"paths.output_dir={tmp_path / 'out'}")  # a free string: composes
+    with pytest.raises(ValueError) as info:
+        run(cfg)
+    msg = str(info.value)
+    assert "`family`" in msg and "'fluxx'" in msg and "did you mean 'flux'" in msg
+    assert built == [] and not (tmp_path / "out").exists()
 
 
 def test_run_without_hydra_needs_an_output_dir():

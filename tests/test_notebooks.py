@@ -52,6 +52,6 @@ def test_family_tour_covers_every_family(tmp_path, monkeypatch):
     nb = _execute("family_tour.ipynb", tmp_path, monkeypatch)
     text = _text(nb)
     for name, family in FAMILIES.items():
-        assert f"family={name:9} block_index={family.default_block_index:>2}" in text
+        assert f"family={name:9} method={family.method.value:5}" in text
         assert f"RepaCallback(family={name!r}).block_index = {family.default_block_index}" in text
     assert "IndexError: block index 8 is out of range for family='flux'" in text

@@ -2,31 +2,34 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from lightning_repa.schedule import Cutoff, WeightSchedule
 
 
-def _formula(kind, s, lam, W, D, end, power):
-    if s < W:
-        return lam * s / W
-    p = min((s - W) / max(D, 1), 1.0)
-    return {
-        "constant": lam,
-        "linear": lam + (end - lam) * p,
-        "cosine": end + (lam - end) * (1 + math.cos(math.pi * p)) / 2,
-        "polynomial": end + (lam - end) * (1 - p) ** power,
-    }[kind]
+# Hand-computed weights (SPEC 7), lam 1, warm-up 10, decay 50, end 0.2, power 2: warm-up s/10;
+# p = (s - 10) / 50; at s = 20, p = 0.2 (cos(0.2 pi) = 0.809017); s = 35, p = 0.5; s >= 60, p = 1.
+HAND = {
+    "constant": {0: 0.0, 5: 0.5, 10: 1.0, 20: 1.0, 35: 1.0, 60: 1.0, 100: 1.0},
+    "linear": {0: 0.0, 5: 0.5, 10: 1.0, 20: 0.84, 35: 0.6, 60: 0.2, 100: 0.2},
+    "cosine": {0: 0.0, 5: 0.5, 10: 1.0, 20: 0.2 + 0.8 * 1.809017 / 2, 35: 0.6, 60: 0.2, 100: 0.2},
+    "polynomial": {0: 0.0, 5: 0.5, 10: 1.0, 20: 0.712, 35: 0.4, 60: 0.2, 100: 0.2},
+}
 
 
-@pytest.mark.parametrize("kind", ["constant", "linear", "cosine", "polynomial"])
-@pytest.mark.parametrize("lam,W,D,end,power", [(0.5, 0, 100, 0.0, 1.0), (1.0, 10, 50, 0.2, 2.0), (0.3, 7, 1, 0.1, 0.5)])
-def test_schedule_matches_formula(kind, lam, W, D, end, power):
-    w = WeightSchedule(kind, lam=lam, warmup_steps=W, decay_steps=D, lambda_end=end, power=power)
-    for s in range(0, W + D + 20):
-        assert w(s) == pytest.approx(_formula(kind, s, lam, W, D, end, power), abs=1e-12), s
+@pytest.mark.parametrize("kind", sorted(HAND))
+def test_schedule_matches_hand_computed_values(kind):
+    w = WeightSchedule(kind, lam=1.0, warmup_steps=10, decay_steps=50, lambda_end=0.2, power=2.0)
+    for step, want in HAND[kind].items():
+        assert w(step) == pytest.approx(want, abs=1e-6), step
+
+
+@pytest.mark.parametrize("kind, want", [("linear", 0.375), ("cosine", 0.25 * 1.7071068), ("polynomial", 0.375),
+                                        ("constant", 0.5)])
+def test_schedule_without_warmup_power_one(kind, want):
+    """lam 0.5, no warm-up, decay 100, end 0, power 1: at step 25 (p = 1/4), cos(pi/4) = 0.7071068."""
+    w = WeightSchedule(kind, lam=0.5, decay_steps=100, power=1.0)
+    assert w(0) == 0.5 and w(25) == pytest.approx(want, abs=1e-6)
 
 
 def test_documented_cosine_example():

@@ -9,11 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
+from torch import nn
+
 from lightning_repa.taef2 import (
+    _blocks,
+    _conv,
+    _down,
     Block,
     TAEF2Decoder,
     TAEF2Encoder,
-    TAESanaEncoder,
     load_tae,
 )
 
@@ -126,9 +130,26 @@ def test_random_latents_do_not_reproduce_photo(encoder, decoder, photos) -> None
     assert real - fake > 10.0
 
 
+class TAESanaEncoder(nn.Sequential):
+    """TAESANA encoder (Sana DC-AE f32c32), built from the package's TAE blocks: (B, 3, H, W) ->
+    (B, 32, H/32, W/32). The test's own: it proves the blocks hold a second real TAE."""
+
+    def __init__(self, latent_channels: int = 32) -> None:
+        super().__init__(
+            _conv(3, 32, stride=2), nn.ReLU(),  # 0-1: (B, 32, H/2, W/2)
+            _conv(32, 64, stride=2), nn.ReLU(), *_blocks(1),  # 2-4: (B, 64, H/4, W/4)
+            _down(), *_blocks(3),  # 5-8: (B, 64, H/8, W/8)
+            _down(), *_blocks(3),  # 9-12: (B, 64, H/16, W/16)
+            _down(), *_blocks(3),  # 13-16: (B, 64, H/32, W/32)
+            _conv(64, latent_channels),  # 17: (B, 32, H/32, W/32)
+        )
+
+
 def test_taesana_encoder_real_weights(photos) -> None:
-    enc = load_tae(TAESD / "taesana_encoder.pth", "taesana_encoder")
-    assert isinstance(enc, TAESanaEncoder)
+    sd = torch.load(TAESD / "taesana_encoder.pth", map_location="cpu", weights_only=True)
+    enc = TAESanaEncoder()
+    enc.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    enc.eval()
     a = photos["astronaut"]  # (1, 3, 256, 256)
     c = _photo("coffee", 256, 32)  # (1, 3, 160, 256)
     with torch.no_grad():
@@ -178,4 +199,4 @@ def test_missing_file_and_unknown_kind(tmp_path: Path) -> None:
         load_tae(missing, "taef2_encoder")
     with pytest.raises(ValueError, match="taef2_decoder") as info:
         load_tae(TAESD / "taef2_decoder.pth", "taesd_decoder")
-    assert "taef2_encoder" in str(info.value) and "taesana_encoder" in str(info.value)
+    assert "taef2_encoder" in str(info.value) and "taef2_decoder" in str(info.value)

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 import lightning_repa.schedule
-from helpers import TinyFlow, loader, trainer
+from helpers import Recorder, TinyFlow, loader, trainer
 from lightning_repa import RepaCallback
 
 HERE = Path(__file__).resolve().parent
@@ -28,30 +28,20 @@ def test_schedule_docstring_examples():
     assert doctest.testmod(lightning_repa.schedule).failed == 0
 
 
-class _Spy(L.Callback):
-    """Records each micro-batch similarity and each EMA update of the REPA callback."""
-
-    def __init__(self, repa: RepaCallback) -> None:
-        self.repa, self.micro, self.updates = repa, [], []
-
-    def on_fit_start(self, trainer, pl_module):
-        metric, cutoff = self.repa._metrics["similarity"], self.repa.cutoff
-        update, cut_update = metric.update, cutoff.update
-        metric.update = lambda v: (self.micro.append(float(v)), update(v))[1]
-        cutoff.update = lambda v, s: (self.updates.append((s, float(v))), cut_update(v, s))[1]
-
-
 def test_ema_advances_once_per_optimizer_step_with_accumulation(repa_options):
     repa = RepaCallback(family="sd3", block_index=1, similarity_ema_decay=0.5, **repa_options)
-    spy = _Spy(repa)
-    trainer(3, [repa, spy], accumulate_grad_batches=4).fit(TinyFlow("sd3"), loader("sd3", n=24))
-    assert len(spy.micro) == 12 and [s for s, _ in spy.updates] == [0, 1, 2]
-    for k, (_, value) in enumerate(spy.updates):  # the mean over the step's 4 micro-batches
-        assert value == pytest.approx(sum(spy.micro[4 * k: 4 * k + 4]) / 4, abs=1e-6)
-    ema = spy.updates[0][1]
-    for _, value in spy.updates[1:]:
-        ema = 0.5 * ema + 0.5 * value
-    assert repa.cutoff.ema == pytest.approx(ema)
+    record = Recorder(repa)
+    trainer(3, [repa, record], accumulate_grad_batches=4).fit(TinyFlow("sd3"), loader("sd3", n=24))
+    micro = [float(r.similarity) for r in record.results]
+    assert len(micro) == 12 and record.measured_steps() == [0, 1, 2]
+    emas = []
+    for k, step in enumerate(record.steps):  # the mean over the step's 4 micro-batches
+        assert step["similarity"] == pytest.approx(sum(micro[4 * k: 4 * k + 4]) / 4, abs=1e-6)
+        emas.append(step["ema"])
+    # decay 0.5: the EMA moves once per optimizer step, halfway to that step's similarity
+    assert emas[0] == pytest.approx(record.steps[0]["similarity"])
+    for k in (1, 2):
+        assert emas[k] == pytest.approx((emas[k - 1] + record.steps[k]["similarity"]) / 2)
 
 
 class _KLModule(TinyFlow):
@@ -179,20 +169,25 @@ def test_two_process_ddp_ranks_agree_and_survive_the_cutoff(tmp_path, dinov2_che
     assert torch.equal(torch.tensor(ranks[0]["projector_sum"]), torch.tensor(ranks[1]["projector_sum"]))
 
 
-def test_recoverable_cutoff_keeps_measuring_without_training_the_projector(repa_options):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_recoverable_cutoff_keeps_measuring_without_training_the_projector(optimizer, repa_options):
     """While a recoverable cutoff holds the loss off, the similarity is still measured (it is the only
-    way back on), but with weight 0 the projector gets no gradient and does not move."""
+    way back on), but with weight 0 the projector gets no gradient and does not move: not even
+    under AdamW, whose momentum and weight decay would move a parameter that has a zero gradient."""
     repa = RepaCallback(family="sd3", block_index=1, similarity_threshold=-1.0, threshold_mode="recoverable",
                         **repa_options)
-    spy = _Spy(repa)
+    record = Recorder(repa)
     snapshots = []
 
     class Snap(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, *args):
             snapshots.append([p.detach().clone() for p in pl_module.repa_projector.parameters()])
 
-    trainer(4, [repa, spy, Snap()]).fit(TinyFlow("sd3"), loader("sd3"))
-    assert [s for s, _ in spy.updates] == [0, 1, 2, 3]  # measured every step, also while off
+    module = TinyFlow("sd3", optimizer=optimizer)
+    trainer(4, [repa, record, Snap()]).fit(module, loader("sd3"))
+    assert not torch.equal(snapshots[0][1], record.initial["body.1.weight"])  # step 0 (on) trained it
+    assert record.measured_steps() == [0, 1, 2, 3]  # measured every step, also while off
+    assert [s["logged"]["repa/weight"] for s in record.steps] == [0.5, 0.0, 0.0, 0.0]
     assert not repa.cutoff.is_active(4) and repa.cutoff.tripped_at is None
     for later in snapshots[1:]:  # off from step 1 on: the projector stays where step 0 left it
         assert all(torch.equal(a, b) for a, b in zip(snapshots[0], later))

@@ -10,37 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import TinyFlow, loader, trainer
+from helpers import Recorder, TinyFlow, loader, trainer
 from lightning_repa import RepaCallback
+from lightning_repa.teacher import BackboneTeacher
 
 
-class _Record(L.Callback):
-    """Records the student tokens the callback takes and the teacher tokens it computes."""
-
-    def __init__(self, repa: RepaCallback) -> None:
-        self.repa, self.taken, self.teacher = repa, {}, []
-        self.similarity: list[float] = []
-
-    def on_fit_start(self, trainer, pl_module):
-        take = self.repa._capture.take
-
-        def first_taken(index: int) -> torch.Tensor:
-            out = take(index)
-            self.taken.setdefault(index, out)  # keeps the first step's tokens
-            return out
-
-        self.repa._capture.take = first_taken
-        if self.repa.teacher is not None:
-            self.repa.teacher.register_forward_hook(lambda m, a, out: self.teacher.append(out))
-        self.initial = {k: v.clone() for k, v in getattr(pl_module, self.repa.projector_attr).state_dict().items()}
-
-    def on_train_batch_end(self, trainer, pl_module, *args):
-        self.similarity.append(float(trainer.callback_metrics["repa/similarity"]))
-
-
-def _one_step(family: str, options: dict[str, Any]) -> tuple[RepaCallback, _Record, TinyFlow]:
+def _one_step(family: str, options: dict[str, Any]) -> tuple[RepaCallback, Recorder, TinyFlow]:
     repa = RepaCallback(family=family, **options)
-    record = _Record(repa)
+    record = Recorder(repa)
     module = TinyFlow(family, lr=0.0)  # the projector stays at its initial weights
     trainer(1, [repa, record]).fit(module, loader(family))
     return repa, record, module
@@ -57,8 +34,7 @@ def test_logged_similarity_is_the_formula(variant, repa_options):
                **{"repa": {}, "irepa": {"irepa": True}, "pooled": {"spatial_align": False},
                   "mlp": {"projector": "mlp", "projector_hidden": 64}}[variant]}
     repa, record, module = _one_step("sd3", options)
-    student = record.taken[1]  # (2, 32, 32)
-    teacher, grid_t = record.teacher[0]
+    student, teacher, grid_t = (record.inputs[0][k] for k in ("student", "teacher", "grid_t"))  # (2, 32, 32)
     assert grid_t == (3, 6) and teacher.shape == (2, 18, 384)
     p = module.repa_projector
     w = record.initial
@@ -79,21 +55,23 @@ def test_logged_similarity_is_the_formula(variant, repa_options):
         maps = proj.reshape(2, 4, 8, -1).permute(0, 3, 1, 2)
         proj = F.interpolate(maps, size=(3, 6), mode="bilinear", antialias=True).flatten(2).transpose(1, 2)
     want = F.cosine_similarity(proj, teacher, dim=-1).mean()
-    assert record.similarity[0] == pytest.approx(float(want), abs=1e-5)
+    assert float(record.results[0].similarity) == pytest.approx(float(want), abs=1e-5)
+    assert float(record.steps[0]["logged"]["repa/similarity"]) == pytest.approx(float(want), abs=1e-5)
     assert type(p).__name__ == {"irepa": "ConvProjector", "mlp": "MLPProjector"}.get(variant, "LinearProjector")
 
 
 def test_backbone_teacher_uses_a_deeper_block_and_no_encoder():
     repa, record, module = _one_step("sd3", dict(block_index=0, teacher="backbone", teacher_block_index=2))
-    assert repa.teacher is None and repa._encoder is None
-    student, deeper = record.taken[0], record.taken[2]
+    assert isinstance(repa.teacher, BackboneTeacher) and record.inputs[0]["grid_t"] == record.inputs[0]["grid_s"]
+    student, deeper = record.inputs[0]["student"], record.inputs[0]["teacher"]
+    assert not deeper.requires_grad
     assert student.shape == deeper.shape == (2, 32, 32)
     w = record.initial
     proj = F.linear(F.layer_norm(student, (32,), w["body.0.weight"], w["body.0.bias"]),
                     w["body.1.weight"], w["body.1.bias"])
     assert module.repa_projector.out_dim == 32
     want = F.cosine_similarity(proj, deeper, dim=-1).mean()
-    assert record.similarity[0] == pytest.approx(float(want), abs=1e-5)
+    assert float(record.results[0].similarity) == pytest.approx(float(want), abs=1e-5)
 
 
 class _Manual(TinyFlow):
@@ -116,10 +94,10 @@ class _Manual(TinyFlow):
 def test_manual_optimization_with_compute_loss(repa_options):
     module = _Manual(call_repa=True)
     repa = RepaCallback(family="sd3", block_index=1, **repa_options)
-    record = _Record(repa)
+    record = Recorder(repa)
     trainer(2, [repa, record]).fit(module, loader("sd3"))
     changed = [not torch.equal(v, record.initial[k]) for k, v in module.repa_projector.state_dict().items()]
-    assert all(changed) and len(record.similarity) == 2
+    assert all(changed) and record.measured_steps() == [0, 1]
 
 
 def test_manual_optimization_without_compute_loss_is_an_error(repa_options):
@@ -199,9 +177,9 @@ class _NoGradFirst(TinyFlow):
 
 def test_the_forward_with_gradients_is_captured(repa_options):
     repa = RepaCallback(family="sd3", block_index=1, **repa_options)
-    record = _Record(repa)
+    record = Recorder(repa)
     trainer(1, [repa, record]).fit(_NoGradFirst("sd3"), loader("sd3"))
-    assert record.taken[1].requires_grad, "the no-grad pass must not be the one captured"
+    assert record.inputs[0]["student"].requires_grad, "the no-grad pass must not be the one captured"
 
 
 class _ValidatesWithTrainingStep(TinyFlow):

@@ -1,10 +1,12 @@
-"""The CPU demo: REPA on scikit-learn's digits with a tiny DiT and a tiny ViT teacher, both real.
+"""The CPU demos: REPA on scikit-learn's digits with a tiny DiT (U-REPA with a small UNet), and a
+tiny ViT teacher, all real.
 
 Importing this package registers the teacher (``TEACHER_NAME``) with timm.
 """
 
 from lightning_repa.demo.data import DigitsDataModule, load_digit_images, split_indices
 from lightning_repa.demo.module import FlowMatchingDiT
+from lightning_repa.demo.unet import FlowMatchingUNet
 from lightning_repa.demo.teacher import (
     TEACHER_MEAN,
     TEACHER_NAME,
@@ -18,6 +20,7 @@ from lightning_repa.demo.teacher import (
 __all__ = [
     "DigitsDataModule",
     "FlowMatchingDiT",
+    "FlowMatchingUNet",
     "TEACHER_MEAN",
     "TEACHER_NAME",
     "TEACHER_STD",

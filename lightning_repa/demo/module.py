@@ -24,90 +24,17 @@ NULL_CLASS = 10
 TIME_SAMPLERS = ("logit_normal", "uniform")
 
 
-class FlowMatchingDiT(L.LightningModule):
-    """Rectified flow on (B, 1, S, S) images: ``x_t = (1 - t) x0 + t eps``, predict ``v = eps - x0``.
+class FlowMatching(L.LightningModule):
+    """Class-conditional rectified flow on (B, 1, S, S) images, whatever the network: subclasses
+    define ``forward(x_t, t, labels)`` and save the hyperparameters ``image_size``,
+    ``time_sampling``, ``cfg_dropout``, ``lr``, ``weight_decay``, ``warmup_steps`` and ``min_lr_ratio``."""
 
-    The class label enters as a one-token "caption": ``nn.Embedding(11, caption_channels)``, index 10
-    being the null class that replaces the label with probability ``cfg_dropout`` (classifier-free
-    guidance at sampling).
-
-    Args:
-        image_size: side S of the square images (the DiT's token grid is S/2 × S/2, patch 2).
-        num_layers: PixArt blocks (0-based block indices 0..num_layers-1). 8 trains best per CPU
-            second in a 2-minute budget; REPA's pixart default block 10 needs ``num_layers >= 11``,
-            so the demo sets ``block_index`` itself (about a third of the depth, as REPA does).
-        num_heads: attention heads; the width is ``num_heads * head_dim``.
-        head_dim: channels per head.
-        lr: AdamW peak learning rate.
-        weight_decay: AdamW weight decay.
-        cfg_dropout: probability of replacing the label with the null class in training.
-        seed: seeds the model's initialisation only (times, noise and label dropout use the
-            global RNG: call ``L.seed_everything`` for a reproducible run).
-        warmup_steps: linear learning-rate warm-up (optimizer steps).
-        min_lr_ratio: the learning rate decays (cosine) to ``lr * min_lr_ratio`` at the
-            trainer's ``max_steps``; constant after warm-up when ``max_steps`` is not set.
-        caption_channels: width of the label embedding.
-        time_sampling: ``"logit_normal"`` (SD3's, mean 0, std 1) or ``"uniform"``.
-    """
-
-    def __init__(
-        self,
-        image_size: int = 16,
-        num_layers: int = 8,
-        num_heads: int = 4,
-        head_dim: int = 16,
-        lr: float = 3e-3,
-        weight_decay: float = 0.01,
-        cfg_dropout: float = 0.1,
-        seed: int = 0,
-        warmup_steps: int = 50,
-        min_lr_ratio: float = 0.1,
-        caption_channels: int = 64,
-        time_sampling: str = "logit_normal",
-    ):
-        super().__init__()
-        if image_size % 2:
-            raise ValueError(f"`image_size` must be even (patch size 2), got {image_size}")
+    @staticmethod
+    def check_training_args(time_sampling: str, cfg_dropout: float) -> None:
         if time_sampling not in TIME_SAMPLERS:
             raise ValueError(f"`time_sampling` can be {', '.join(TIME_SAMPLERS)}, got {time_sampling!r}")
         if not 0.0 <= cfg_dropout < 1.0:
             raise ValueError(f"`cfg_dropout` must be in [0, 1), got {cfg_dropout}")
-        self.save_hyperparameters()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            width = num_heads * head_dim
-            self.transformer = PixArtTransformer2DModel(
-                num_attention_heads=num_heads,
-                attention_head_dim=head_dim,
-                in_channels=1,
-                out_channels=1,
-                num_layers=num_layers,
-                cross_attention_dim=width,
-                sample_size=image_size,
-                patch_size=2,
-                caption_channels=caption_channels,
-                use_additional_conditions=False,
-                activation_fn="gelu",  # exact GELU: ~3x faster than the tanh form on CPU
-            )
-            # DiT-style zero init of the output projection: the first prediction is v = 0, which
-            # measurably speeds up the first few hundred steps (val loss 0.177 vs 0.194 at 300).
-            nn.init.zeros_(self.transformer.proj_out.weight)
-            nn.init.zeros_(self.transformer.proj_out.bias)
-            self.label_embedding = nn.Embedding(NULL_CLASS + 1, caption_channels)
-            nn.init.normal_(self.label_embedding.weight, std=1.0)
-
-    # -- model -------------------------------------------------------------------------------
-
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Velocity for noisy images ``x_t`` (B, 1, S, S) at times ``t`` (B,) in [0, 1]."""
-        caption = self.label_embedding(labels)[:, None]  # (B, 1, caption_channels)
-        return self.transformer(
-            x_t,
-            encoder_hidden_states=caption,
-            timestep=t * 1000.0,  # PixArt's sinusoidal embedding expects DDPM-scale timesteps
-            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-            return_dict=False,
-        )[0]
 
     def _sample_t(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         if self.hparams.time_sampling == "logit_normal":
@@ -214,3 +141,87 @@ class FlowMatchingDiT(L.LightningModule):
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray((grid * 255.0 + 0.5).astype(np.uint8)).save(path)
         return path
+
+
+class FlowMatchingDiT(FlowMatching):
+    """Rectified flow on (B, 1, S, S) images: ``x_t = (1 - t) x0 + t eps``, predict ``v = eps - x0``.
+
+    The class label enters as a one-token "caption": ``nn.Embedding(11, caption_channels)``, index 10
+    being the null class that replaces the label with probability ``cfg_dropout`` (classifier-free
+    guidance at sampling).
+
+    Args:
+        image_size: side S of the square images (the DiT's token grid is S/2 × S/2, patch 2).
+        num_layers: PixArt blocks (0-based block indices 0..num_layers-1). 8 trains best per CPU
+            second in a 2-minute budget; REPA's pixart default block 10 needs ``num_layers >= 11``,
+            so the demo sets ``block_index`` itself (about a third of the depth, as REPA does).
+        num_heads: attention heads; the width is ``num_heads * head_dim``.
+        head_dim: channels per head.
+        lr: AdamW peak learning rate.
+        weight_decay: AdamW weight decay.
+        cfg_dropout: probability of replacing the label with the null class in training.
+        seed: seeds the model's initialisation only (times, noise and label dropout use the
+            global RNG: call ``L.seed_everything`` for a reproducible run). The Hydra app passes
+            the run's ``seed`` here and to ``DigitsDataModule(seed=...)`` (the shuffle).
+        warmup_steps: linear learning-rate warm-up (optimizer steps).
+        min_lr_ratio: the learning rate decays (cosine) to ``lr * min_lr_ratio`` at the
+            trainer's ``max_steps``; constant after warm-up when ``max_steps`` is not set.
+        caption_channels: width of the label embedding.
+        time_sampling: ``"logit_normal"`` (SD3's, mean 0, std 1) or ``"uniform"``.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 16,
+        num_layers: int = 8,
+        num_heads: int = 4,
+        head_dim: int = 16,
+        lr: float = 3e-3,
+        weight_decay: float = 0.01,
+        cfg_dropout: float = 0.1,
+        seed: int = 0,
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.1,
+        caption_channels: int = 64,
+        time_sampling: str = "logit_normal",
+    ):
+        super().__init__()
+        if image_size % 2:
+            raise ValueError(f"`image_size` must be even (patch size 2), got {image_size}")
+        self.check_training_args(time_sampling, cfg_dropout)
+        self.save_hyperparameters()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            width = num_heads * head_dim
+            self.transformer = PixArtTransformer2DModel(
+                num_attention_heads=num_heads,
+                attention_head_dim=head_dim,
+                in_channels=1,
+                out_channels=1,
+                num_layers=num_layers,
+                cross_attention_dim=width,
+                sample_size=image_size,
+                patch_size=2,
+                caption_channels=caption_channels,
+                use_additional_conditions=False,
+                activation_fn="gelu",  # exact GELU: ~3x faster than the tanh form on CPU
+            )
+            # DiT-style zero init of the output projection: the first prediction is v = 0, which
+            # measurably speeds up the first few hundred steps (val loss 0.177 vs 0.194 at 300).
+            nn.init.zeros_(self.transformer.proj_out.weight)
+            nn.init.zeros_(self.transformer.proj_out.bias)
+            self.label_embedding = nn.Embedding(NULL_CLASS + 1, caption_channels)
+            nn.init.normal_(self.label_embedding.weight, std=1.0)
+
+    # -- model -------------------------------------------------------------------------------
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Velocity for noisy images ``x_t`` (B, 1, S, S) at times ``t`` (B,) in [0, 1]."""
+        caption = self.label_embedding(labels)[:, None]  # (B, 1, caption_channels)
+        return self.transformer(
+            x_t,
+            encoder_hidden_states=caption,
+            timestep=t * 1000.0,  # PixArt's sinusoidal embedding expects DDPM-scale timesteps
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )[0]

@@ -4,7 +4,7 @@
 
 Plain supervised classification (cross-entropy with label smoothing, AdamW, cosine schedule) with
 light augmentation: small random rotations, scalings and shifts. The held-out split is the
-``DigitsDataModule`` validation split of the same seed; it is never used for model selection,
+``DigitsDataModule`` validation split of the same ``split_seed``; it is never used for model selection,
 only measured at the end. The file keeps the classifier head (``head.weight``, ``head.bias``).
 """
 

@@ -1,0 +1,39 @@
+"""U-REPA (SPEC 6.2): `loss = -mean cosine + manifold_weight * M` on a UNet's mid-block tokens."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from lightning_repa.align import Grid
+from lightning_repa.config import ManifoldScope
+from lightning_repa.losses import manifold_loss, token_cosine
+from lightning_repa.objectives.base import AlignResult, Objective
+
+
+class URepaObjective(Objective):
+    """`-mean_b token_cosine(p_b, f_b) + manifold_weight * M(p, f)`, M from `losses.manifold_loss`.
+
+    Args (besides the common ones):
+        manifold_weight: weight of the manifold term (U-REPA: 3.0; 0 is 0).
+        manifold_scope: "tokens" (token pairs within each sample) or "batch" (sample pairs).
+    """
+
+    options = ("manifold_weight", "manifold_scope")
+
+    def __init__(self, manifold_weight: float = 3.0, manifold_scope: str = "tokens", **common: Any) -> None:
+        super().__init__(**common)
+        self.manifold_weight = float(manifold_weight)
+        self.manifold_scope = ManifoldScope.parse(manifold_scope, "manifold_scope").value
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "URepaObjective":
+        return cls(cfg.manifold_weight, cfg.manifold_scope, **cls.common(cfg))
+
+    def __call__(self, student: Tensor, grid_s: Grid, teacher: Tensor, grid_t: Grid, projector: nn.Module) -> AlignResult:
+        p, f = self.align(student, grid_s, teacher, grid_t, projector)  # (B, M, D) each
+        similarity = token_cosine(p, f).mean()  # ()
+        manifold = manifold_loss(p, f, self.manifold_scope)  # ()
+        loss = -similarity + self.manifold_weight * manifold
+        return AlignResult(loss=loss, similarity=similarity.detach(), terms={"manifold": manifold.detach()})
