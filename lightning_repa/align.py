@@ -48,3 +48,33 @@ def tokens_to_map(x: Tensor, hw: Grid) -> Tensor:
 def map_to_tokens(x: Tensor) -> Tensor:
     """(B, D, H, W) feature map -> (B, H*W, D) row-major tokens."""
     return x.flatten(2).transpose(1, 2)
+
+
+def per_frame(x: Tensor, grid: tuple[int, ...]) -> tuple[Tensor, Grid]:
+    """Video tokens (B, T'*H'*W', D) on a (T', H', W') grid -> per frame (B, T', H'*W', D) and (H', W')
+    (frame-major, row-major in a frame). Tokens on a 2-D grid are returned as they are."""
+    if len(grid) == 2:
+        return x, (int(grid[0]), int(grid[1]))
+    t, h, w = grid
+    if x.dim() == 4:  # already per frame
+        return x, (h, w)
+    return x.reshape(x.shape[0], t, h * w, x.shape[-1]), (h, w)
+
+
+def teacher_frames(latent_frames: int, pixel_frames: int) -> list[int]:
+    """The pixel frame each latent frame is aligned with (SPEC 5), for a causal video VAE whose
+    F = 1 + (T - 1) * r pixel frames give T latent frames: latent frame 0 <- pixel frame 0 (encoded
+    alone), latent frame t <- pixel frame t * r, the last frame of its group (t-1)*r+1 ... t*r.
+    F == T (one pixel frame per latent frame) is the identity. A 9-frame clip of a 4x VAE:
+    latent frames 0, 1, 2 <- pixel frames 0, 4, 8.
+    """
+    if pixel_frames == latent_frames:
+        return list(range(latent_frames))
+    ratio, rest = divmod(pixel_frames - 1, max(latent_frames - 1, 1))
+    if latent_frames < 2 or rest or ratio < 1:
+        raise ValueError(
+            f"{pixel_frames} pixel frames do not fit {latent_frames} latent frames: a causal video VAE of "
+            "temporal compression r gives 1 + (T - 1) * r pixel frames for T latent frames (or give one pixel "
+            "frame per latent frame)"
+        )
+    return [t * ratio for t in range(latent_frames)]

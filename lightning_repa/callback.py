@@ -12,18 +12,18 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 from typing_extensions import override
 
-from lightning_repa.align import Grid
+from lightning_repa.align import Grid, per_frame
 from lightning_repa.capture import BlockCapture
-from lightning_repa.config import Cache, Decoder, RepaConfig, Teacher
+from lightning_repa.config import Cache, Decoder, Method, RepaConfig, Teacher
 from lightning_repa.decoders import drop_vae_encoder
 from lightning_repa.encoders import load_encoder
 from lightning_repa.families import get_family
 from lightning_repa.objectives import AlignResult, build_objective
 from lightning_repa.projectors import build_projector
 from lightning_repa.schedule import Cutoff, Gate, StepPlan, WeightSchedule
+from lightning_repa.step_metrics import StepMetrics
 from lightning_repa.surgery import DENOISER_ATTRS, InstanceWrappers, find_denoiser, get_path, plain_tensor_init
 from lightning_repa.teacher import TeacherProtocol, build_teacher
 
@@ -50,6 +50,7 @@ class StepResult:
     loss: Tensor  # (), the weighted aux loss added to the step's loss (0 when not aligned)
     similarity: Optional[Tensor] = None  # (), mean cosine of matching tokens, when measured
     terms: dict[str, Tensor] = field(default_factory=dict)  # method terms, e.g. "manifold", "score"
+    skipped: bool = False  # measured, but something was not finite: no alignment loss was added
 
 
 class RepaCallback(Callback):
@@ -120,7 +121,12 @@ class RepaCallback(Callback):
         self._wrappers: Optional[InstanceWrappers] = None
         self._built_encoder: Optional[nn.Module] = None
         self._attached = False  # projector and teacher attached in this fit
-        self._metrics = {"loss": MeanMetric(), "similarity": MeanMetric()}
+        self.metrics = StepMetrics(cfg.max_nonfinite_steps)
+        self.log_prefix = "repa"  # `repa/<name>` when several REPA callbacks log
+        self._created_projector = False  # this fit attached a new projector
+        self._checked_gradients = False
+        self._warned: set[str] = set()
+        self._logged: dict[str, float] = {}  # the last step's logged values
         self._plan: Optional[StepPlan] = None  # plan of the optimizer step in flight
         self._record: Optional[StepRecord] = None  # the micro-batch in flight
         self._manual_called = False
@@ -167,7 +173,9 @@ class RepaCallback(Callback):
         if stage != "fit":
             return
         self._trainer, self._module = trainer, pl_module
-        self.projector_attr = self._projector_attr(trainer)
+        mine = [cb for cb in trainer.callbacks if isinstance(cb, RepaCallback)]
+        self.projector_attr = PROJECTOR_ATTR if len(mine) == 1 else f"{PROJECTOR_ATTR}_{mine.index(self)}"
+        self.log_prefix = _log_prefixes(mine)[mine.index(self)]
         self._wrappers = InstanceWrappers(pl_module)
         original = pl_module.configure_model
 
@@ -180,19 +188,30 @@ class RepaCallback(Callback):
         self._wrappers.install("configure_model", configure_model)
         self._wrappers.install("training_step", self._wrap_training_step(pl_module.training_step))
 
-    def _projector_attr(self, trainer: pl.Trainer) -> str:
-        """`repa_projector`, or `repa_projector_<k>` for the k-th of several REPA callbacks."""
-        mine = [cb for cb in trainer.callbacks if isinstance(cb, RepaCallback)]
-        return PROJECTOR_ATTR if len(mine) == 1 else f"{PROJECTOR_ATTR}_{mine.index(self)}"
+    @property
+    def teacher_name(self) -> str:
+        """The encoder's name, or `backbone<teacher_block_index>`."""
+        cfg = self.config
+        return cfg.encoder if cfg.teacher is Teacher.encoder else f"backbone{cfg.teacher_block_index}"
 
     def _require_denoiser(self, pl_module: pl.LightningModule) -> nn.Module:
-        denoiser, _ = find_denoiser(pl_module, self.config.denoiser)
+        """The denoiser (unwrapped from torch.compile, PEFT, DDP/FSDP wrappers), of the family's class."""
+        denoiser, path = find_denoiser(pl_module, self.config.denoiser)
         if denoiser is None:
             where = f"`{self.config.denoiser}`" if self.config.denoiser else ", ".join(f"`{a}`" for a in DENOISER_ATTRS)
             raise ValueError(
                 f"RepaCallback found no denoiser on {type(pl_module).__name__} (looked at {where}); "
                 "set `denoiser` to the dotted path of your transformer, e.g. denoiser='model.net'"
             )
+        try:
+            self.family.check_class(denoiser)
+        except ValueError as error:
+            how = "the `denoiser` option" if self.config.denoiser else (
+                f"the default search ({', '.join(DENOISER_ATTRS)}, the first module found)")
+            raise ValueError(
+                f"{error}. The module was found at `{path}` by {how}; set `denoiser` to the dotted path of the "
+                f"{'/'.join(self.family.classes)} inside your LightningModule (e.g. denoiser='model.transformer')"
+            ) from None
         return denoiser
 
     def _attach(self, pl_module: pl.LightningModule) -> None:
@@ -200,7 +219,6 @@ class RepaCallback(Callback):
         if cfg.drop_vae_encoder:  # before the optimizer and the checkpoint restore
             drop_vae_encoder(get_path(pl_module, cfg.vae_attr), cfg.vae_attr)
         denoiser = self._require_denoiser(pl_module)
-        self.family.check_class(denoiser)
         with plain_tensor_init():  # the encoder is built once; the decoder reads this module's VAE
             self.teacher = build_teacher(cfg, self.family, pl_module, self._encoder)
         hidden = self.family.hidden_size(denoiser)
@@ -210,13 +228,16 @@ class RepaCallback(Callback):
             dims = (getattr(existing, "in_dim", None), getattr(existing, "out_dim", None))
             if dims != (hidden, out_dim):
                 raise ValueError(
-                    f"`{self.projector_attr}` on the module maps {dims[0]} -> {dims[1]}, but the denoiser's blocks have "
-                    f"width {hidden} and the teacher (`encoder`={cfg.encoder!r}) dimension {out_dim}; "
-                    f"delete `{self.projector_attr}` to start a new projector, or use the encoder it was trained with"
+                    f"`{self.projector_attr}` on the module (kept from an earlier fit or a checkpoint) maps {dims[0]} -> "
+                    f"{dims[1]}, but this fit needs {hidden} -> {out_dim} (the denoiser's width {hidden}, the teacher "
+                    f"{self.teacher_name!r} dimension {out_dim}); delete `{self.projector_attr}` to start a new projector, or align "
+                    "to the teacher it was trained with"
                 )
+            self._created_projector = False
         else:
             projector = build_projector(cfg.projector, hidden, out_dim, cfg.projector_hidden, cfg.irepa_kernel_size)
             setattr(pl_module, self.projector_attr, projector.to(next(denoiser.parameters()).device))
+            self._created_projector = True
         self._attached = True
 
     def _wrap_training_step(self, original: Any) -> Any:
@@ -243,7 +264,8 @@ class RepaCallback(Callback):
         if not self._attached:  # configure_model was bypassed (a strategy that does not call it)
             self._attach(pl_module)
         denoiser = self._denoiser = self._require_denoiser(pl_module)
-        self._capture = BlockCapture(denoiser, self.family, self.student_indices)
+        self._capture = BlockCapture(denoiser, self.family, self.student_indices, cfg.align_call)
+        self._check_trainable(pl_module)
         self._check_optimizer(trainer, pl_module)
         schedule = WeightSchedule(
             cfg.schedule, cfg.lam, cfg.warmup_steps, cfg.decay_steps, cfg.lambda_end, cfg.power, trainer.max_steps
@@ -251,13 +273,28 @@ class RepaCallback(Callback):
         self.gate = Gate(schedule, self.cutoff)
         if isinstance(self.teacher, nn.Module):
             self.teacher.to(pl_module.device)
-        for metric in self._metrics.values():
-            metric.to(pl_module.device).reset()
+        self.metrics.to(pl_module.device).reset()
+        self._checked_gradients = False
         self._capture.attach()
         rank_zero_info(
             f"REPA: family={cfg.family}, block {self.block_index} of {len(self._capture.blocks)}, "
             f"method={self.method.value}, teacher={cfg.teacher.value}, projector={cfg.projector.value}, {schedule}"
         )
+
+    def _frozen_message(self, what: str) -> str:
+        attr = self.projector_attr
+        return (
+            f"the REPA projector (`{attr}`) {what}: it is frozen, so the alignment would pull the model towards a "
+            f"fixed random projection. Something froze the whole module after the callback attached it (e.g. "
+            f"`self.requires_grad_(False)` before adding LoRA adapters, or PEFT's get_peft_model on the module): "
+            f"freeze only the denoiser (`self.transformer.requires_grad_(False)`), or call "
+            f"`self.{attr}.requires_grad_(True)` after freezing, before the optimizer is built"
+        )
+
+    def _check_trainable(self, pl_module: pl.LightningModule) -> None:
+        frozen = [n for n, p in getattr(pl_module, self.projector_attr).named_parameters() if not p.requires_grad]
+        if frozen:
+            raise ValueError(self._frozen_message(f"has requires_grad=False ({', '.join(frozen)})"))
 
     def _check_optimizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         projector = getattr(pl_module, self.projector_attr)
@@ -293,11 +330,12 @@ class RepaCallback(Callback):
         step = self._trainer.global_step
         if self._plan is None or self._plan.step != step:  # first micro-batch of this optimizer step
             self._plan = self.gate.plan(step)
+            self.metrics.reset()
         grid = self.family.grid(latents.shape, self._denoiser) if self._plan.measure else None
         self._record = StepRecord(self._plan, latents, grid)
         self._manual_called = False
         if grid is not None:
-            self._capture.arm(grid[0] * grid[1])
+            self._capture.arm(math.prod(grid))
         else:
             self._capture.clear()
 
@@ -325,42 +363,86 @@ class RepaCallback(Callback):
         record = self._record
         projector = getattr(self._module, self.projector_attr)
         # Keeps every projector parameter in the graph, so DDP(find_unused_parameters=False)
-        # also works on steps without alignment (weight 0, after the cutoff).
+        # also works on steps without alignment (weight 0, after the cutoff, skipped).
         zero = sum(p.sum() for p in projector.parameters()) * 0.0
         weight = record.plan.weight
         if not record.plan.measure:
             self._capture.clear()
             return self._finish(record, zero, None)
         captured = self._capture.take_all(record.grid)
-        teacher, grid_t = self.teacher(batch, record.latents, captured)  # (B, M, D)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):
-            result = self.objective(captured[self.block_index], record.grid, teacher, grid_t, projector)
-            loss = zero + weight * result.loss if weight > 0 else zero
+        self._warn_about_several_calls()
+        student, grid_s = per_frame(captured[self.block_index], record.grid)  # (B, N, hidden) or (B, T', N, hidden)
+        teacher, grid_t = per_frame(*self.teacher(batch, record.latents, captured))  # (B, M, D) or (B, T', M, D)
+        if student.shape[:-2] != teacher.shape[:-2]:
+            raise ValueError(
+                f"the student has {tuple(student.shape[1:-2])} frames and the teacher {tuple(teacher.shape[1:-2])}: "
+                f"family={self.family.name!r} with a temporal patch size > 1 is not supported"
+            )
+        if self.method is Method.crepa:
+            self.objective.temporal_ratio = getattr(self.teacher, "temporal_ratio", None)
+        bad = _nonfinite(("the teacher tokens", teacher), ("the student tokens", student))
+        result = None
+        if bad is None:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):
+                result = self.objective(student, grid_s, teacher, grid_t, projector)
+            bad = _nonfinite(("the alignment loss", result.loss))
+        bad = self._agree(bad)
+        if bad is not None:  # this step adds no alignment loss, on every rank
+            self._skip(record.plan.step, bad)
+            return self._finish(record, zero, None)
+        self.metrics.aligned |= weight > 0
+        loss = zero + weight * result.loss if weight > 0 else zero
         return self._finish(record, loss, result)
+
+    def _agree(self, bad: Optional[str]) -> Optional[str]:
+        """Every rank skips when one has to (one all-reduce, only when training on several processes)."""
+        if self._trainer.world_size <= 1:
+            return bad
+        flag = torch.tensor(float(bad is not None), device=self._module.device)
+        if float(self._trainer.strategy.reduce(flag, reduce_op="sum")) > 0 and bad is None:
+            return "another rank's tokens or alignment loss"
+        return bad
+
+    def _skip(self, step: int, what: str) -> None:
+        self.metrics.skipped = what
+        if "skip" not in self._warned:
+            self._warned.add("skip")
+            rank_zero_warn(
+                f"REPA: {what} of optimizer step {step} are not finite; that step adds no alignment loss (the rest of "
+                f"the loss and its gradients are untouched). Such steps are counted in `{self.log_prefix}/skipped`; "
+                f"{self.config.max_nonfinite_steps} in a row stop the run (`max_nonfinite_steps`)"
+            )
+
+    def _warn_about_several_calls(self) -> None:
+        calls = self._capture.grad_calls
+        if calls > 1 and self.config.align_call == "first" and "calls" not in self._warned:
+            self._warned.add("calls")
+            rank_zero_warn(
+                f"REPA: the denoiser ran {calls} times with gradients in one training step; the first call is aligned "
+                "(align_call='first'). Set align_call='last', or a predicate on the call's arguments, to choose another"
+            )
 
     def _finish(self, record: StepRecord, loss: Tensor, result: Optional[AlignResult]) -> Tensor:
         plan = record.plan
         self.last_result = StepResult(plan.step, plan.weight, plan.measure, loss.detach())
-        self._metrics["loss"].update(loss.detach())
         if result is not None:
             self.last_result.similarity, self.last_result.terms = result.similarity, result.terms
-            self._metrics["similarity"].update(result.similarity)
-            for name, value in result.terms.items():
-                self._term_metric(name).update(value)
+        self.last_result.skipped = self.metrics.skipped is not None and result is None and plan.measure
+        self.metrics.update(loss, None if result is None else result.similarity, {} if result is None else result.terms)
         return loss
-
-    def _term_metric(self, name: str) -> MeanMetric:
-        if name not in self._metrics:
-            self._metrics[name] = MeanMetric().to(self._module.device)
-        return self._metrics[name]
 
     # --- the optimizer step ---------------------------------------------------------
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        """While the loss is off, the projector does not move: its (zero) gradients are dropped, so
+        """Check the projector got gradients; while the loss is off, drop its (zero) gradients so that
         momentum and weight decay (AdamW) skip it, as they skip any parameter without a gradient."""
-        if self._plan is not None and self._plan.weight == 0:
-            for p in getattr(pl_module, self.projector_attr).parameters():
+        params = list(getattr(pl_module, self.projector_attr).parameters())
+        if self.metrics.aligned and not self._checked_gradients:
+            self._checked_gradients = True
+            if all(p.grad is None for p in params):
+                raise RuntimeError(self._frozen_message("received no gradient in the first aligned step"))
+        if not self.metrics.aligned:
+            for p in params:
                 p.grad = None
 
     # --- after the optimizer step: EMA, cutoff, logs --------------------------------
@@ -372,29 +454,32 @@ class RepaCallback(Callback):
         if self._plan is None or trainer.global_step == self._plan.step:
             return  # still accumulating gradients
         step = self._plan.step
-        logs = {"repa/weight": self._plan.weight, "repa/cutoff": float(not self.cutoff.is_active(step))}
-        metrics = self._metrics
-        if metrics["similarity"].update_count:  # same on every rank: the plan is
-            similarity = float(metrics["similarity"].compute())  # mean over micro-batches and ranks
+        similarity, means = self.metrics.close(step)  # same on every rank: the plan and the skip decision are
+        logs = {"weight": self._plan.weight, "cutoff": float(not self.cutoff.is_active(step)), **means}
+        if similarity is not None:
             if math.isfinite(similarity):
                 self.cutoff.update(similarity, step)
-            else:  # the same on every rank (reduced): skip it everywhere rather than stop training
-                rank_zero_warn(f"REPA: non-finite similarity at step {step}; the similarity EMA skips it")
-            logs["repa/similarity"] = similarity
-        for name, metric in metrics.items():
-            if name != "similarity" and metric.update_count:
-                logs[f"repa/{name}"] = float(metric.compute())
+            logs["similarity"] = similarity
         if self.cutoff.ema is not None:
-            logs["repa/similarity_ema"] = self.cutoff.ema
-        for metric in metrics.values():
-            metric.reset()
-        for name, value in logs.items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=name == "repa/similarity", batch_size=1)
+            logs["similarity_ema"] = self.cutoff.ema
+        self._logged = {f"{self.log_prefix}/{name}": value for name, value in logs.items()}
+        for name, value in self._logged.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=name.endswith("/similarity"), batch_size=1)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A run shorter than `log_every_n_steps` (or ending between two logging steps) still hands the
+        loggers the final `repa/*` values."""
+        if self._logged and trainer.global_step % trainer.log_every_n_steps:
+            for logger in trainer.loggers:
+                logger.log_metrics(self._logged, step=trainer.global_step - 1)
 
     # --- teardown ----------------------------------------------------------------
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        """Remove the hooks and the wrappers."""
+        """Remove the hooks and the wrappers, and a projector this fit attached before any optimizer step."""
+        if self._created_projector and trainer.global_step == 0 and hasattr(pl_module, self.projector_attr):
+            delattr(pl_module, self.projector_attr)
         self._cleanup()
 
     @override
@@ -409,20 +494,45 @@ class RepaCallback(Callback):
         if self._wrappers is not None:
             self._wrappers.remove()
         self._plan = self._record = None
-        self._attached = False
+        self._attached = self._created_projector = False
 
     # --- checkpoint ----------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
         """The cutoff's EMA, latch and settings."""
-        return {"cutoff": self.cutoff.state_dict()}
+        return {"cutoff": self.cutoff.state_dict(), "metrics": self.metrics.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the cutoff; warn when its settings differ from the checkpoint's."""
         changed = self.cutoff.load_state_dict(state_dict["cutoff"])
+        self.metrics.load_state_dict(state_dict.get("metrics", {}))
         if changed:
             rank_zero_warn(
                 f"REPA ({self.state_key}): resuming with cutoff settings that differ from the checkpoint's "
                 f"({'; '.join(changed)}); the saved EMA and latch are kept and the new settings apply from now on"
             )
+
+
+def _nonfinite(*named: tuple[str, Tensor]) -> Optional[str]:
+    """The name of the first tensor with a NaN or an infinity, or None."""
+    for name, x in named:
+        if not bool(torch.isfinite(x).all()):
+            return name
+    return None
+
+
+def _log_prefixes(callbacks: list[RepaCallback]) -> list[str]:
+    """`repa` for a single unnamed callback; else `repa/<name>`, the name defaulting to the teacher,
+    numbered where two are alike."""
+    if len(callbacks) == 1 and callbacks[0].config.name is None:
+        return ["repa"]
+    names = [cb.config.name or cb.teacher_name for cb in callbacks]
+    counts: dict[str, int] = {}
+    prefixes = []
+    for name in names:
+        if names.count(name) > 1:
+            counts[name] = counts.get(name, 0) + 1
+            name = f"{name}_{counts[name] - 1}"
+        prefixes.append(f"repa/{name}")
+    return prefixes

@@ -8,7 +8,7 @@ unarmed steps are ignored, and nothing is kept past `take`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -28,8 +28,18 @@ class Captured:
         return self.tokens[index]
 
 
+CallRule = Union[str, Callable[[dict[str, Any]], bool]]
+
+
 class BlockCapture:
     """Captures the image stream (B, N, D) of `indices` (0-based over all blocks in forward order).
+
+    One denoiser call with gradients per armed step is aligned, chosen by `align_call`: "first"
+    (the default), "last", or a predicate on the call's arguments by name (the first call it
+    accepts). Calls without gradients (a self-conditioning or target pass) are never chosen.
+    Under diffusers' gradient checkpointing the block's output is taken where it carries the
+    graph: from the block itself (non-reentrant), or from the checkpoint function's result
+    (reentrant, whose first forward runs without gradients).
 
     Example::
 
@@ -41,9 +51,9 @@ class BlockCapture:
         cap.detach()
     """
 
-    def __init__(self, denoiser: nn.Module, family: Family, indices: list[int]) -> None:
+    def __init__(self, denoiser: nn.Module, family: Family, indices: list[int], align_call: CallRule = "first") -> None:
         family.check_class(denoiser)
-        self.denoiser, self.family = denoiser, family
+        self.denoiser, self.family, self.align_call = denoiser, family, align_call
         self.blocks = family.block_modules(denoiser)
         for index in indices:
             if not 0 <= index < len(self.blocks):
@@ -53,25 +63,36 @@ class BlockCapture:
                     f"{type(denoiser).__name__} has {len(self.blocks)} blocks ({lists}); use 0..{len(self.blocks) - 1}"
                 )
         self.indices = sorted(set(indices))
+        self._index_of = {id(self.blocks[i][1]): i for i in self.indices}
         self._handles: list[RemovableHandle] = []
-        self._armed = False
+        self._checkpointing: dict[nn.Module, Callable] = {}  # module -> its own checkpoint function
+        self._checkpoint_owners: list[nn.Module] = []
+        self._armed = self._active = False
         self._num_tokens = 0
         self._call: Optional[dict[str, Any]] = None
         self._captured: dict[int, Tensor] = {}
+        self._without_grad: set[int] = set()
+        self.grad_calls = 0  # denoiser calls with gradients since `arm`
 
     # --- lifecycle -----------------------------------------------------------
     def attach(self) -> None:
         if self._handles:
             return
+        self._checkpoint_owners = [m for m in self.denoiser.modules() if hasattr(m, "gradient_checkpointing")]
         self._handles.append(self.denoiser.register_forward_pre_hook(self._on_call, with_kwargs=True))
+        self._handles.append(self.denoiser.register_forward_hook(self._on_return, always_call=True))
         for index in self.indices:
-            spec, block = self.blocks[index]
-            self._handles.append(block.register_forward_hook(self._make_hook(index), with_kwargs=False))
+            block = self.blocks[index][1]
+            self._handles.append(block.register_forward_hook(self._make_hook(index)))
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module, original in self._checkpointing.items():
+            if getattr(module.__dict__.get("_gradient_checkpointing_func"), "_repa_capture", None) is self:
+                module._gradient_checkpointing_func = original
+        self._checkpointing.clear()
         self.disarm()
 
     @property
@@ -79,12 +100,12 @@ class BlockCapture:
         return bool(self._handles)
 
     def arm(self, num_image_tokens: int) -> None:
-        """Capture the next forward of the denoiser; `num_image_tokens` is N from the latent grid."""
-        self._armed, self._num_tokens = True, int(num_image_tokens)
-        self._call, self._captured = None, {}
+        """Capture the chosen denoiser call of this step; `num_image_tokens` is N from the latent grid."""
+        self._armed, self._active, self._num_tokens = True, False, int(num_image_tokens)
+        self._call, self._captured, self._without_grad, self.grad_calls = None, {}, set(), 0
 
     def disarm(self) -> None:
-        self._armed, self._call = False, None
+        self._armed, self._active, self._call = False, False, None
 
     def clear(self) -> None:
         self.disarm()
@@ -93,6 +114,15 @@ class BlockCapture:
     def take(self, index: int) -> Tensor:
         """The captured image tokens of block `index` (B, N, D); an error if it never ran."""
         if index not in self._captured:
+            if index in self._without_grad:
+                raise RuntimeError(
+                    f"block {index} of family={self.family.name!r} ran without gradients inside the aligned denoiser "
+                    "call: its output carries no graph, so the alignment loss could not reach the denoiser (only "
+                    "the projector would learn). Causes: torch.no_grad around the block, a reentrant gradient "
+                    "checkpoint that is not diffusers' own (use `denoiser.enable_gradient_checkpointing()`, "
+                    "reentrant or not, or use_reentrant=False), or no trainable parameter before the block (align "
+                    "a block after the trainable layers)"
+                )
             raise RuntimeError(
                 f"block {index} (of {len(self.blocks)}) of family={self.family.name!r} did not run with gradients in "
                 "this training step: call the denoiser "
@@ -102,30 +132,72 @@ class BlockCapture:
 
     def take_all(self, grid: Grid) -> Captured:
         """Every captured block (each an error if it never ran), on the student `grid`; nothing is kept."""
-        return Captured({index: self.take(index) for index in self.indices}, grid)
+        captured = Captured({index: self.take(index) for index in self.indices}, grid)
+        self.disarm()
+        return captured
 
     # --- hooks ---------------------------------------------------------------
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        # The first forward *with gradients*: a no-grad pass first (self-conditioning, a target)
-        # would give tokens without a graph, and the denoiser no alignment gradient.
-        if self._armed and self._call is None and torch.is_grad_enabled():
-            self._call = call_arguments(module, args, kwargs)
+        self._wrap_checkpointing()
+        if not self._armed or not torch.is_grad_enabled():
+            return  # a no-grad pass (self-conditioning, a target) would give the denoiser no alignment gradient
+        self.grad_calls += 1
+        call = call_arguments(module, args, kwargs)
+        rule = self.align_call
+        if rule == "last":
+            chosen = True
+            self._captured, self._without_grad = {}, set()
+        elif rule == "first":
+            chosen = self._call is None
+        else:
+            chosen = self._call is None and bool(rule(call))
+        if chosen:
+            self._call, self._active = call, True
+
+    def _on_return(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._active = False
+
+    def _store(self, index: int, output: Any) -> None:
+        """Keep block `index`'s image tokens if they carry a graph (the first such output of the call)."""
+        if index in self._captured:
+            return
+        spec = self.blocks[index][0]
+        tokens = spec.select(spec.stream(output), self._num_tokens, self._call)  # (B, N, D)
+        if tokens.shape[1] != self._num_tokens:
+            raise RuntimeError(
+                f"family={self.family.name!r}, block {index}: expected {self._num_tokens} image tokens from the "
+                f"latent grid, the block's image stream has {tokens.shape[1]}; are the batch latents the ones "
+                "the denoiser was called with?"
+            )
+        if not tokens.requires_grad:  # no_grad, the first pass of a reentrant checkpoint, or nothing trainable
+            self._without_grad.add(index)
+            return
+        self._captured[index] = tokens
+        self._without_grad.discard(index)
 
     def _make_hook(self, index: int):
-        spec = self.blocks[index][0]
-
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if not self._armed or index in self._captured or self._call is None:
-                return
-            tokens = spec.select(spec.stream(output), self._num_tokens, self._call)  # (B, N, D)
-            if tokens.shape[1] != self._num_tokens:
-                raise RuntimeError(
-                    f"family={self.family.name!r}, block {index}: expected {self._num_tokens} image tokens from the "
-                    f"latent grid, the block's image stream has {tokens.shape[1]}; are the batch latents the ones "
-                    "the denoiser was called with?"
-                )
-            self._captured[index] = tokens
-            if len(self._captured) == len(self.indices):
-                self.disarm()
+            if self._active:
+                self._store(index, output)
 
         return hook
+
+    def _wrap_checkpointing(self) -> None:
+        """Route the result of diffusers' checkpoint function (`_gradient_checkpointing_func`, set by
+        `enable_gradient_checkpointing`) for our blocks to the capture: under a reentrant checkpoint
+        only that result carries the graph."""
+        for module in self._checkpoint_owners:  # diffusers modules that can checkpoint their children
+            original = module.__dict__.get("_gradient_checkpointing_func")
+            if original is None or getattr(original, "_repa_capture", None) is self:
+                continue
+
+            def checkpointed(block: nn.Module, *args: Any, _original: Callable = original, **kwargs: Any) -> Any:
+                output = _original(block, *args, **kwargs)
+                index = self._index_of.get(id(block))
+                if index is not None and self._active:
+                    self._store(index, output)
+                return output
+
+            checkpointed._repa_capture = self  # type: ignore[attr-defined]
+            self._checkpointing.setdefault(module, original)
+            module._gradient_checkpointing_func = checkpointed

@@ -88,7 +88,8 @@ class RepaConfig:
     family: str = "flux"
     """Model family (`lightning_repa.families.FAMILIES`). It fixes the block lists, token layout,
     grid and method. DiTs (method repa): flux, flux2, sd3, chroma, sana, pixart, hidream,
-    auraflow, lumina2. UNets (method urepa, the mid block): sdxl, sd15, kolors."""
+    auraflow, lumina2. UNets (method urepa, the mid block): sdxl, sd15, kolors. Video DiTs
+    (method crepa, tokens per frame): wan, ltxvideo, sanavideo, kandinsky5_video."""
     method: Optional[Method] = None
     """repa | urepa | crepa. None takes the family's own method; a method that does not fit
     the family is an error that names the right one."""
@@ -97,10 +98,24 @@ class RepaConfig:
     searches `denoiser`, `transformer`, `unet`, `model`, in that order."""
     block_index: Optional[int] = None
     """0-based index over all transformer blocks in forward order (dual-stream blocks first,
-    then single-stream). None takes the family default (8, or 10 for sana and pixart). UNets
-    have one block to align, the mid block (index 0)."""
+    then single-stream). None takes the family default (8, or 10 for sana, pixart and
+    sanavideo). UNets have one block to align, the mid block (index 0)."""
     lam: float = 0.5
     """Peak weight of the alignment loss (REPA paper: 0.5)."""
+    align_call: Any = "first"
+    """Which denoiser call of a training step is aligned when it runs more than once with
+    gradients (e.g. a caption-dropout pass, then the real one): "first", "last", or, from Python,
+    a predicate on the call's arguments by name, `lambda call: call["encoder_hidden_states"] is
+    not None` (the first call it accepts). Calls without gradients are never aligned. With the
+    default, a step that calls the denoiser more than once with gradients warns once."""
+    name: Optional[str] = None
+    """Name of this callback in the logs. One callback logs `repa/<metric>`; with several, each logs
+    `repa/<name>/<metric>`, the name defaulting to the encoder (or `backbone<teacher_block_index>`),
+    numbered when two are alike. A name given to a single callback is used too."""
+    max_nonfinite_steps: int = 10
+    """A step whose teacher tokens, student tokens or alignment loss are not finite adds no
+    alignment loss (counted in `repa/skipped`); after this many such optimizer steps in a row
+    the run stops with an error."""
 
     # --- projector -----------------------------------------------------------
     projector: Projector = Projector.linear
@@ -212,6 +227,10 @@ class RepaConfig:
                 setattr(self, f.name, kind.parse(value, f.name))
         for name in RANGES:
             check_option(name, getattr(self, name))
+        _require(self.align_call in ("first", "last") or callable(self.align_call), "align_call", self.align_call,
+                 "'first', 'last' or a predicate on the call's arguments")
+        _require(self.name is None or (isinstance(self.name, str) and self.name.strip("/ ") == self.name and self.name),
+                 "name", self.name, "a non-empty name without leading or trailing '/' or spaces, or None")
         self.pixels_range = [float(v) for v in self.pixels_range]
         _require(self.pixels_range in ([0.0, 1.0], [-1.0, 1.0]), "pixels_range", self.pixels_range, "[0, 1] or [-1, 1]")
         family = self._family()
@@ -228,10 +247,20 @@ class RepaConfig:
                 "mid block only; use teacher=encoder"
             )
         self._check_teacher(family.default_block_index if self.block_index is None else self.block_index)
+        if self.distance_unit is DistanceUnit.pixel and self.teacher is Teacher.backbone:
+            raise ValueError(
+                "`distance_unit=pixel` converts with the frames the teacher decodes, but teacher=backbone sees no "
+                "pixel frames; give `distance` in latent frames (distance_unit=latent)"
+            )
         if self.decoder is Decoder.tae and not self.tae_checkpoint:
             raise ValueError("`decoder=tae` needs `tae_checkpoint` (a taesd .pth file or an AutoencoderTiny directory)")
         if self.irepa and self.projector is Projector.mlp:
             raise ValueError("`irepa=True` uses the conv projector; drop `projector=mlp` (or set irepa=False)")
+        if self.irepa and not self.spatial_align:
+            raise ValueError(
+                "`irepa=True` z-scores the teacher over its spatial tokens, which `spatial_align=False` pools "
+                "away (with irepa_alpha=1 the pooled teacher is 0): keep spatial_align=True with irepa"
+            )
         if self.irepa:
             self.projector = Projector.conv
         self._refuse_unused()
@@ -345,6 +374,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lambda_end": (_num(lambda v: v >= 0), "a weight >= 0"),
     "power": (_num(lambda v: v > 0), "> 0"),
     "cutoff_step": (_int(lambda v: v >= 0), "an integer >= 0 (0: never)"),
+    "max_nonfinite_steps": (_int(lambda v: v > 0), "an integer > 0"),
     "similarity_ema_decay": (_num(lambda v: 0 < v < 1), "in (0, 1)"),
     "similarity_threshold": (
         lambda v: v is None or _num(lambda t: -1 <= t <= 1)(v), "a cosine similarity in [-1, 1], or None (never)"

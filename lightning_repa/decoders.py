@@ -30,12 +30,15 @@ def _cfg(vae: Any, key: str) -> Any:
 
 
 def _kl_to_raw(z: Tensor, vae: Any) -> Tensor:
-    """SD/SDXL/SD3/FLUX.1/Sana: `z * std / sf + mean` where the VAE defines latents_mean/std,
-    else `z / sf + shift` (pipeline_flux.py, pipeline_stable_diffusion_3.py)."""
+    """`z * std / sf + mean` where the VAE defines per-channel latents_mean/std (in its config: SDXL,
+    Wan, SanaVideo, pipeline_wan.py; as buffers: LTX-Video, `_denormalize_latents`), else
+    `z / sf + shift` (pipeline_flux.py, pipeline_stable_diffusion_3.py, Kandinsky 5's HunyuanVideo
+    VAE). Images (B, C, h, w) and videos (B, C, T, h, w) alike."""
     if vae is None:
         raise ValueError("undoing the latent scaling needs the VAE's config: attach the VAE (`vae_attr`)")
     sf = _cfg(vae, "scaling_factor") or 1.0
-    mean, std = _cfg(vae, "latents_mean"), _cfg(vae, "latents_std")
+    mean = _cfg(vae, "latents_mean") if _cfg(vae, "latents_mean") is not None else getattr(vae, "latents_mean", None)
+    std = _cfg(vae, "latents_std") if _cfg(vae, "latents_std") is not None else getattr(vae, "latents_std", None)
     if mean is not None and std is not None:
         shape = (1, -1) + (1,) * (z.dim() - 2)
         mean = torch.as_tensor(mean, dtype=z.dtype, device=z.device).view(shape)
@@ -125,7 +128,7 @@ class LatentDecoder(nn.Module):
         raw = to_raw_latents(latents, self.latent_format, self.vae)
         if self.kind is Decoder.vae:
             return _decode(self.vae, raw)
-        return self.tae(raw.float()).float().clamp(0, 1)  # TAEF2: raw latents -> [0, 1]
+        return unit_clamp(self.tae(raw.float()).float())  # TAEF2: raw latents -> [0, 1]
 
 
 def _autoencoder_tiny_input(z: Tensor, tae: Any) -> Tensor:
@@ -136,12 +139,18 @@ def _autoencoder_tiny_input(z: Tensor, tae: Any) -> Tensor:
 
 def _decode(autoencoder: Any, z: Tensor) -> Tensor:
     """`autoencoder.decode(z).sample` in [-1, 1] -> [0, 1]; in full precision when the VAE asks for it
-    (`force_upcast`: the SDXL VAE overflows in float16)."""
+    (`force_upcast`: the SDXL VAE overflows in float16). Video latents (B, C, T, h, w) give frames
+    (B, F, 3, H, W) (the VAE's (B, 3, F, H, W), frames first)."""
     upcast = bool(_cfg(autoencoder, "force_upcast"))
     autocast = torch.is_autocast_enabled(z.device.type) and not upcast
+    z = z.to(next(autoencoder.parameters()).dtype)
+    extra = {}
+    if _cfg(autoencoder, "timestep_conditioning"):  # LTX-Video 0.9.1+: the pipeline's decode_timestep, 0
+        extra["temb"] = torch.zeros(z.shape[0], device=z.device, dtype=z.dtype)
     with torch.autocast(device_type=z.device.type, enabled=autocast):
-        images = autoencoder.decode(z.to(next(autoencoder.parameters()).dtype)).sample.float()
-    return ((images + 1) / 2).clamp(0, 1)
+        images = autoencoder.decode(z, **extra).sample.float()
+    images = unit_clamp((images + 1) / 2)
+    return images.transpose(1, 2) if images.dim() == 5 else images  # (B, F, 3, H, W) for video
 
 
 def load_tiny_decoder(path: str | os.PathLike, latent_format: str) -> nn.Module:
@@ -192,4 +201,10 @@ def _discard_encoder_keys(module: nn.Module, state_dict: dict, prefix: str, *arg
 def pixels_to_unit(pixels: Tensor, pixels_range: tuple[float, float] | list[float]) -> Tensor:
     """Batch images in `pixels_range` ([0, 1] or [-1, 1]) -> [0, 1]."""
     lo, hi = float(pixels_range[0]), float(pixels_range[1])
-    return ((pixels.float() - lo) / (hi - lo)).clamp(0, 1)
+    return unit_clamp((pixels.float() - lo) / (hi - lo))
+
+
+def unit_clamp(images: Tensor) -> Tensor:
+    """Clamp to [0, 1], except that NaN and infinities become NaN: a corrupt image must stay visible
+    to the non-finite check of the callback (a clamped infinity would pass as white)."""
+    return torch.where(torch.isfinite(images), images.clamp(0, 1), torch.nan)

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from lightning_repa.config import Method
 
 Grid = tuple[int, int]
+Grid3 = tuple[int, int, int]
 # (block output, number of image tokens, the denoiser call's arguments) -> (B, N, D)
 TokenSelector = Callable[[Tensor, int, dict[str, Any]], Tensor]
 
@@ -102,6 +103,28 @@ def _patch_stride(model: nn.Module) -> Grid:
     return int(patch), int(patch)
 
 
+def _video_stride(model: nn.Module) -> Grid3:
+    """Latent positions per token of a video DiT: (t, h, w), from `patch_size` (t, h, w) (Wan,
+    SanaVideo, Kandinsky 5) or `patch_size_t` and `patch_size` (LTX-Video)."""
+    patch = model.config.patch_size
+    if isinstance(patch, (tuple, list)) and len(patch) == 3:
+        return int(patch[0]), int(patch[1]), int(patch[2])
+    return int(getattr(model.config, "patch_size_t", 1) or 1), int(patch), int(patch)
+
+
+def _no_fractal(x: Tensor, n: int, call: dict[str, Any]) -> Tensor:
+    """Kandinsky 5's visual tokens in (T, H, W) order; its sparse ("nabla") attention reorders them
+    in 8x8 tiles (`sparse_params["to_fractal"]`), which CREPA refuses rather than misreads."""
+    sparse = call.get("sparse_params") or {}
+    if sparse.get("to_fractal"):
+        raise ValueError(
+            "kandinsky5_video: the denoiser was called with sparse_params['to_fractal'] (nabla attention), which "
+            "orders the visual tokens in 8x8 tiles; CREPA needs the (T, H, W) order: train with the regular "
+            "attention (sparse_params=None)"
+        )
+    return x
+
+
 def _unet_width(model: nn.Module) -> int:
     """Channels of a UNet's mid block: those of its deepest down block."""
     return int(model.config.block_out_channels[-1])
@@ -123,7 +146,8 @@ class Family:
     pack: int = 1  # spatial packing done by the pipeline before the transformer (flux: 2x2)
     latent_format: str = "kl"  # how to undo the training-space transform (decoders.LATENT_FORMATS)
     width: Callable[[nn.Module], int] = _transformer_width  # channels of the captured stream
-    stride: Callable[[nn.Module], Grid] = _patch_stride  # latent positions per token, per side (x pack)
+    stride: Callable[[nn.Module], tuple[int, ...]] = _patch_stride  # latent positions per token: (h, w) or (t, h, w)
+    video: bool = False  # latents (B, C, T, h, w); tokens per frame
 
     # --- structure ---------------------------------------------------------
     def check_class(self, model: nn.Module) -> None:
@@ -147,24 +171,28 @@ class Family:
     # --- geometry ----------------------------------------------------------
     def patch_hw(self, model: nn.Module) -> Grid:
         """Latent positions per token side: the model's patch size or downsampling, times the packing."""
-        sh, sw = self.stride(model)
+        sh, sw = self.stride(model)[-2:]
         return sh * self.pack, sw * self.pack
 
-    def grid(self, latent_shape: torch.Size | tuple[int, ...], model: nn.Module) -> Grid:
-        """Token grid (h', w') of the image stream for training latents (B, C, h, w)."""
-        if len(latent_shape) != 4:
+    def grid(self, latent_shape: torch.Size | tuple[int, ...], model: nn.Module) -> Grid | Grid3:
+        """Token grid of the image stream: (h', w') for latents (B, C, h, w), or (T', h', w') for a
+        video family's latents (B, C, T, h, w)."""
+        dims = 5 if self.video else 4
+        if len(latent_shape) != dims:
+            layout = "(B, C, T, h, w)" if self.video else "(B, C, h, w)"
             raise ValueError(
-                f"family={self.name!r} expects spatial latents (B, C, h, w) in the batch, got shape "
+                f"family={self.name!r} expects spatial latents {layout} in the batch, got shape "
                 f"{tuple(latent_shape)}; cache unpacked latents (pack them in training_step)"
             )
-        h, w = latent_shape[-2:]
-        ph, pw = self.patch_hw(model)
-        if h % ph or w % pw:
+        strides = (*self.stride(model)[:-2], *self.patch_hw(model)) if self.video else self.patch_hw(model)
+        sizes = tuple(latent_shape[2:])
+        if any(size % stride for size, stride in zip(sizes, strides)):
+            what = "downsampling" if self.stride is _unet_stride else "patch/packing size"
             raise ValueError(
-                f"family={self.name!r}: latents of size {h}x{w} are not divisible by {ph}x{pw}, the "
-                f"{'downsampling' if self.stride is _unet_stride else 'patch/packing size'} of {type(model).__name__}"
+                f"family={self.name!r}: latents of size {'x'.join(map(str, sizes))} are not divisible by "
+                f"{'x'.join(map(str, strides))}, the {what} of {type(model).__name__}"
             )
-        return h // ph, w // pw
+        return tuple(size // stride for size, stride in zip(sizes, strides))
 
 
 def call_arguments(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -202,6 +230,15 @@ FAMILIES: dict[str, Family] = {
         # U-REPA: the UNet's mid block, (B, C, H, W) at latent / 2**downsamples (SDXL 128 -> 32, SD 1.5 64 -> 8).
         *(Family(name, Method.urepa, ("UNet2DConditionModel",), (BlockList("mid_block", feature_map=True),), 0,
                  width=_unet_width, stride=_unet_stride) for name in ("sdxl", "sd15", "kolors")),
+        # CREPA: video DiTs, image tokens only in every block, (T', H', W') row-major (per frame).
+        Family("wan", Method.crepa, ("WanTransformer3DModel",), (BlockList("blocks"),), 8, stride=_video_stride,
+               video=True),
+        Family("ltxvideo", Method.crepa, ("LTXVideoTransformer3DModel",), (BlockList("transformer_blocks"),), 8,
+               stride=_video_stride, video=True),
+        Family("sanavideo", Method.crepa, ("SanaVideoTransformer3DModel",), (BlockList("transformer_blocks"),), 10,
+               stride=_video_stride, video=True),
+        Family("kandinsky5_video", Method.crepa, ("Kandinsky5Transformer3DModel",),
+               (BlockList("visual_transformer_blocks", select=_no_fractal),), 8, stride=_video_stride, video=True),
     )
 }
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol
 import torch
 from torch import Tensor, nn
 
-from lightning_repa.align import Grid
+from lightning_repa.align import Grid, teacher_frames
 from lightning_repa.capture import Captured
 from lightning_repa.config import Decoder, RepaConfig, Teacher
 from lightning_repa.decoders import LatentDecoder, load_tiny_decoder, pixels_to_unit
@@ -36,9 +36,10 @@ class EncoderTeacher(nn.Module):
     """`(batch, latents, captured) -> (tokens (B, M, D), grid (gh, gw))` from a frozen image encoder.
 
     `encoder` maps images (B, 3, H, W) in [0, 1] to patch tokens (B, gh*gw, D) and has
-    `embed_dim` and `grid_for(H, W)`; `decoder` maps training latents to such images, or is
-    None when the batch carries the images under `pixels_key`. Decoding and encoding run in
-    chunks of `batch_size` images (0: the whole batch at once).
+    `embed_dim` and `grid_for(H, W)`; `decoder` maps training latents to such images (video
+    latents to frames (B, F, 3, H, W)), or is None when the batch carries the images under
+    `pixels_key`. Decoding runs in chunks of `batch_size` samples, encoding in chunks of
+    `batch_size` images (of video: frames), so memory stays bounded (0: all at once).
     """
 
     def __init__(
@@ -52,23 +53,34 @@ class EncoderTeacher(nn.Module):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.pixels_key, self.pixels_range, self.batch_size = pixels_key, tuple(pixels_range), batch_size
+        self.temporal_ratio: Optional[int] = None  # pixel frames per latent frame, seen at the last video call
 
     @property
     def embed_dim(self) -> int:
         return int(self.encoder.embed_dim)
 
     def images(self, batch: Mapping[str, Any], latents: Tensor) -> Tensor:
-        """Clean images (B, 3, H, W) in [0, 1]."""
+        """Clean images (B, 3, H, W), or video frames (B, F, 3, H, W), in [0, 1]."""
         if self.decoder is None:
             return pixels_to_unit(batch[self.pixels_key], self.pixels_range)
         return torch.cat([self.decoder(z) for z in self._chunks(latents)])
 
     @torch.no_grad()
     def forward(self, batch: Mapping[str, Any], latents: Tensor, captured: Optional[Captured] = None) -> tuple[Tensor, Grid]:
-        images = self.images(batch, latents)  # (B, 3, H, W)
-        if images.dim() != 4:
-            raise ValueError(f"teacher images must be (B, 3, H, W), got {tuple(images.shape)}")
-        tokens = torch.cat([self.encoder(x) for x in self._chunks(images)])  # (B, gh*gw, D)
+        """Tokens (B, M, D) on the encoder's grid; for video latents (B, C, T, h, w), per latent frame
+        (B, T, M, D), each from the pixel frame `align.teacher_frames` assigns it."""
+        images = self.images(batch, latents)  # (B, 3, H, W) or (B, F, 3, H, W)
+        video = latents.dim() == 5
+        if images.dim() != (5 if video else 4):
+            layout = "(B, F, 3, H, W) frames" if video else "(B, 3, H, W) images"
+            raise ValueError(f"the teacher needs {layout} for latents {tuple(latents.shape)}, got {tuple(images.shape)}")
+        if video:
+            frames = teacher_frames(latents.shape[2], images.shape[1])
+            self.temporal_ratio = frames[1] - frames[0] if len(frames) > 1 else 1
+            images = images[:, frames].flatten(0, 1)  # (B*T, 3, H, W)
+        tokens = torch.cat([self.encoder(x) for x in self._chunks(images)])  # (B[*T], gh*gw, D)
+        if video:
+            tokens = tokens.unflatten(0, (latents.shape[0], latents.shape[2]))  # (B, T, gh*gw, D)
         return tokens, tuple(self.encoder.grid_for(*images.shape[-2:]))
 
     def _chunks(self, x: Tensor) -> tuple[Tensor, ...]:

@@ -1,6 +1,6 @@
 """Two-process CPU DDP run (gloo) for tests/test_training_state.py; writes one JSON per rank.
 
-Usage: python ddp_script.py OUT_DIR ENCODER_CHECKPOINT
+Usage: python ddp_script.py OUT_DIR ENCODER_CHECKPOINT [cutoff|nan]
 """
 
 from __future__ import annotations
@@ -13,7 +13,9 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy
 
-from helpers import Recorder, TinyFlow, loader
+from torch.utils.data import DataLoader
+
+from helpers import LatentData, Recorder, TinyFlow, loader
 from lightning_repa import RepaCallback
 
 
@@ -29,7 +31,10 @@ class Record(Recorder):
     def on_train_end(self, trainer, pl_module):
         self.data.update(
             weights=[s["logged"]["repa/weight"] for s in self.steps],
-            local_similarity=[float(r.similarity) for r in self.results if r.measured],
+            local_similarity=[float(r.similarity) for r in self.results if r.measured and not r.skipped],
+            skipped=[r.skipped for r in self.results],
+            logged_skipped=[s["logged"].get("repa/skipped") for s in self.steps],
+            finite=all(bool(torch.isfinite(p).all()) for p in pl_module.parameters()),
             updates=[s["similarity"] for s in self.steps if s["similarity"] is not None],
             global_step=trainer.global_step, ema=self.repa.cutoff.ema, tripped_at=self.repa.cutoff.tripped_at,
             projector_sum=[float(p.double().sum()) for p in pl_module.repa_projector.parameters()],
@@ -38,18 +43,38 @@ class Record(Recorder):
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.data))
 
 
-def main(out: str, checkpoint: str) -> None:
+class _NanOnRank1(torch.utils.data.Dataset):
+    """LatentData whose first item fetched on rank 1 (so in its step-0 batch) has a NaN pixel."""
+
+    def __init__(self) -> None:
+        self.data, self.corrupted = LatentData("sd3", n=20), False
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        item = self.data[i]
+        if torch.distributed.get_rank() == 1 and not self.corrupted:
+            self.corrupted = True
+            item["pixels"][0, 0, 0] = float("nan")
+        return item
+
+
+def main(out: str, checkpoint: str, mode: str = "cutoff") -> None:
+    """mode "cutoff": a similarity cutoff trips during the run; "nan": rank 1's first batch is corrupt."""
     torch.set_num_threads(1)
     L.seed_everything(0)
-    repa = RepaCallback(family="sd3", block_index=1, lam=1.0, similarity_threshold=-1.0, encoder="dinov2_vits14",
+    threshold = -1.0 if mode == "cutoff" else None
+    repa = RepaCallback(family="sd3", block_index=1, lam=1.0, similarity_threshold=threshold, encoder="dinov2_vits14",
                         encoder_checkpoint=checkpoint, encoder_image_size=56, decoder="pixels")
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy=DDPStrategy(find_unused_parameters=False), max_steps=5,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[repa, Record(repa, Path(out))],
     )
-    trainer.fit(TinyFlow("sd3", optimizer="adamw"), loader("sd3", n=20))
+    data = loader("sd3", n=20) if mode == "cutoff" else DataLoader(_NanOnRank1(), batch_size=2)
+    trainer.fit(TinyFlow("sd3", optimizer="adamw"), data)
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

@@ -110,7 +110,56 @@ class Recorder(L.Callback):
         mine = [r for r in self.results if r.step == result.step]
         logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("repa/")}
         self.steps.append(dict(step=result.step, logged=logged, ema=self.repa.cutoff.ema,
-                               similarity=logged["repa/similarity"] if any(r.measured for r in mine) else None))
+                               similarity=logged["repa/similarity"] if any(r.measured and not r.skipped for r in mine)
+                               else None))
 
     def measured_steps(self) -> list[int]:
         return [s["step"] for s in self.steps if s["similarity"] is not None]
+
+
+class VideoData(Dataset):
+    """Item i: video latents (C, T, h, w), pixel frames (F, 3, H, W) in [0, 1], ids = i."""
+
+    def __init__(self, family: str, n: int = 4, thw: tuple[int, int, int] = (3, 4, 8),
+                 frames_hw: tuple[int, int, int] = (3, 32, 64)) -> None:
+        from lightning_repa.tiny_video_models import TINY_VIDEO_FAMILIES
+
+        self.channels = TINY_VIDEO_FAMILIES[family].latent_channels
+        self.n, self.thw, self.frames_hw = n, thw, frames_hw
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(2000 + i)
+        f, h, w = self.frames_hw
+        return {"latents": torch.randn(self.channels, *self.thw, generator=g),
+                "pixels": torch.rand(f, 3, h, w, generator=g), "ids": i}
+
+
+class TinyVideoFlow(L.LightningModule):
+    """Rectified flow on a tiny diffusers video denoiser (`self.transformer`), like TinyFlow."""
+
+    def __init__(self, family: str, seed: int = 0, lr: float = 1e-2) -> None:
+        super().__init__()
+        from lightning_repa.tiny_video_models import TINY_VIDEO_FAMILIES
+
+        self.family_name, self.lr = family, lr
+        self.fam = TINY_VIDEO_FAMILIES[family]
+        self.transformer = self.fam.build(seed)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        x0 = batch["latents"]  # (B, C, T, h, w)
+        g = torch.Generator().manual_seed(int(batch["ids"].sum()) * 7919 + self.global_step)
+        noise = torch.randn(x0.shape, generator=g).to(x0)
+        t = torch.rand(x0.shape[0], generator=g).to(x0)
+        x_t = (1 - t.view(-1, 1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1, 1) * noise
+        pred = self.fam.forward(self.transformer, x_t, t, self.fam.make_cond(x0.shape[0], seed=0))
+        return F.mse_loss(pred, noise - x0)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def video_loader(family: str, batch_size: int = 2, **kwargs: Any) -> DataLoader:
+    return DataLoader(VideoData(family, **kwargs), batch_size=batch_size, shuffle=False)

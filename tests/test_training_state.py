@@ -169,6 +169,22 @@ def test_two_process_ddp_ranks_agree_and_survive_the_cutoff(tmp_path, dinov2_che
     assert torch.equal(torch.tensor(ranks[0]["projector_sum"]), torch.tensor(ranks[1]["projector_sum"]))
 
 
+@pytest.mark.slow
+def test_two_process_ddp_ranks_skip_a_nonfinite_step_together(tmp_path, dinov2_checkpoint):
+    """Only rank 1's first batch has a NaN pixel: both ranks skip step 0's alignment (one decision),
+    count it, and end with the same finite projector."""
+    out = tmp_path / "ranks"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(HERE / "ddp_script.py"), str(out), dinov2_checkpoint, "nan"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["skipped"] == [True, False, False, False, False] and rank["finite"]
+        assert rank["logged_skipped"] == [1.0] * 5
+    assert torch.equal(torch.tensor(ranks[0]["projector_sum"]), torch.tensor(ranks[1]["projector_sum"]))
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_recoverable_cutoff_keeps_measuring_without_training_the_projector(optimizer, repa_options):
     """While a recoverable cutoff holds the loss off, the similarity is still measured (it is the only

@@ -1,0 +1,190 @@
+"""A small class-conditional video DiT (diffusers' Wan transformer) trained with rectified flow:
+the CREPA demo's student.
+
+A real ``diffusers.WanTransformer3DModel`` at ``self.transformer`` (family ``wan``) learns the
+moving-digit clips of :class:`~lightning_repa.demo.clips.DigitClipsDataModule` in pixel space.
+Everything but the model, the noise shape and the picture written after training is
+:class:`~lightning_repa.demo.module.FlowMatching`'s, shared with the image demos: label dropout,
+optimizer, learning-rate schedule and the guided Euler sampler.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import WanTransformer3DModel
+from PIL import Image
+from torch import nn
+
+from lightning_repa.demo.module import NULL_CLASS, FlowMatching
+
+PATCH = (1, 2, 2)  # (frames, rows, cols) per token, as the released Wan models
+
+
+class FlowMatchingVideo(FlowMatching):
+    """Rectified flow on (B, 1, T, H, W) clips with a Wan transformer: ``x_t = (1 - t) x0 + t eps``,
+    predict ``v = eps - x0``.
+
+    The Wan model patchifies (1, 2, 2), so its blocks hold T x (H/2) x (W/2) tokens (5 x 8 x 12 for
+    the default 5-frame 16x24 clips), frame-major, which is where CREPA reads its per-frame tokens.
+    The class label enters as a one-token "caption" (``encoder_hidden_states``, Wan's text input):
+    ``nn.Embedding(11, caption_channels)``, index 10 being the null class that replaces the label
+    with probability ``cfg_dropout`` (classifier-free guidance at sampling).
+
+    Args:
+        num_frames: frames T of the clips.
+        height: frame height H (even: patch 2).
+        width: frame width W (even: patch 2).
+        num_layers: Wan blocks (``transformer.blocks``, 0-based indices 0..num_layers-1). Wan's
+            default CREPA block 8 needs ``num_layers >= 9``, so the demo sets ``block_index``
+            itself (about a third of the depth).
+        num_heads: attention heads; the width is ``num_heads * head_dim``.
+        head_dim: channels per head (Wan's 3-D RoPE splits them between time, rows and columns).
+        ffn_dim: hidden width of each block's feed-forward.
+        freq_dim: width of the sinusoidal timestep embedding.
+        lr: AdamW peak learning rate.
+        weight_decay: AdamW weight decay.
+        cfg_dropout: probability of replacing the label with the null class in training.
+        seed: seeds the model's initialisation only (times, noise and label dropout use the
+            global RNG: call ``L.seed_everything`` for a reproducible run).
+        warmup_steps: linear learning-rate warm-up (optimizer steps).
+        min_lr_ratio: the learning rate decays (cosine) to ``lr * min_lr_ratio`` at the
+            trainer's ``max_steps``; constant after warm-up when ``max_steps`` is not set.
+        caption_channels: width of the label embedding (Wan's ``text_dim``).
+        time_sampling: ``"logit_normal"`` (SD3's, mean 0, std 1) or ``"uniform"``.
+
+    Raises:
+        ValueError: for an odd ``height`` or ``width``, ``num_frames`` below 1, an unknown
+            ``time_sampling`` or a ``cfg_dropout`` outside [0, 1).
+    """
+
+    def __init__(
+        self,
+        num_frames: int = 5,
+        height: int = 16,
+        width: int = 24,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        head_dim: int = 16,
+        ffn_dim: int = 128,
+        freq_dim: int = 64,
+        lr: float = 3e-3,
+        weight_decay: float = 0.01,
+        cfg_dropout: float = 0.1,
+        seed: int = 0,
+        warmup_steps: int = 50,
+        min_lr_ratio: float = 0.1,
+        caption_channels: int = 64,
+        time_sampling: str = "logit_normal",
+    ):
+        super().__init__()
+        if num_frames < 1:
+            raise ValueError(f"`num_frames` must be >= 1, got {num_frames}")
+        if height % PATCH[1] or width % PATCH[2] or min(height, width) < 2:
+            raise ValueError(f"`height` and `width` must be positive and even (patch 2), got {height}x{width}")
+        self.check_training_args(time_sampling, cfg_dropout)
+        self.save_hyperparameters()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.transformer = WanTransformer3DModel(
+                patch_size=PATCH,
+                num_attention_heads=num_heads,
+                attention_head_dim=head_dim,
+                in_channels=1,
+                out_channels=1,
+                text_dim=caption_channels,
+                freq_dim=freq_dim,
+                ffn_dim=ffn_dim,
+                num_layers=num_layers,
+            )
+            # Zero-init the output projection, as the DiT demo does: the first prediction is v = 0.
+            nn.init.zeros_(self.transformer.proj_out.weight)
+            nn.init.zeros_(self.transformer.proj_out.bias)
+            self.label_embedding = nn.Embedding(NULL_CLASS + 1, caption_channels)
+            nn.init.normal_(self.label_embedding.weight, std=1.0)
+
+    # -- model -------------------------------------------------------------------------------
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Velocity for noisy clips ``x_t`` (B, 1, T, H, W) at times ``t`` (B,) in [0, 1]."""
+        caption = self.label_embedding(labels)[:, None]  # (B, 1, caption_channels)
+        return self.transformer(
+            hidden_states=x_t,
+            timestep=t * 1000.0,  # the Wan pipeline hands the scheduler's sigma * 1000
+            encoder_hidden_states=caption,
+            return_dict=False,
+        )[0]  # (B, 1, T, H, W)
+
+    # -- what FlowMatching assumes to be (B, 1, S, S) ---------------------------------------------
+
+    def _loss(self, batch: Dict[str, torch.Tensor], generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        x0, labels = batch["latents"], batch["labels"]  # (B, 1, T, H, W) in [-1, 1], (B,)
+        b = x0.shape[0]
+        t = self._sample_t(b, generator)
+        eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        tb = t.view(b, 1, 1, 1, 1).to(x0.dtype)
+        x_t = (1.0 - tb) * x0 + tb * eps
+        return F.mse_loss(self(x_t, t, labels), eps - x0)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: Union[torch.Tensor, Sequence[int]],
+        steps: int = 20,
+        guidance: float = 2.0,
+        seed: int = 0,
+    ) -> torch.Tensor:
+        """Euler ODE from noise (t=1) to data (t=0) with classifier-free guidance, as
+        :meth:`FlowMatching.sample`. Returns clips (N, 1, T, H, W) in [0, 1]."""
+        if steps < 1:
+            raise ValueError(f"`steps` must be >= 1, got {steps}")
+        was_training = self.training
+        self.eval()
+        hp = self.hparams
+        labels = torch.as_tensor(labels, dtype=torch.long, device=self.device).flatten()
+        n = labels.shape[0]
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        x = torch.randn(n, 1, hp.num_frames, hp.height, hp.width, device=self.device, generator=gen)
+        both = torch.cat([labels, torch.full_like(labels, NULL_CLASS)])
+        ts = torch.linspace(1.0, 0.0, steps + 1, device=self.device)
+        for i in range(steps):
+            t = ts[i].expand(2 * n)
+            v_cond, v_uncond = self(torch.cat([x, x]), t, both).chunk(2)
+            v = v_uncond + guidance * (v_cond - v_uncond)
+            x = x + (ts[i + 1] - ts[i]) * v  # dt < 0: towards the data
+        self.train(was_training)
+        return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def save_sample_grid(
+        self,
+        path: Union[str, Path],
+        steps: int = 20,
+        per_class: int = 8,
+        guidance: float = 2.0,
+        scale: int = 4,
+        seed: int = 0,
+    ) -> Path:
+        """Write a PNG strip: one row per sampled clip (classes 0..9, ``per_class`` clips each, in
+        that order), its T frames side by side, upscaled ``scale``x (nearest) with a 1-pixel
+        (pre-scale) gray gap. The image is ``(10 * per_class * (H + 1) + 1) * scale`` pixels high and
+        ``(T * (W + 1) + 1) * scale`` wide. Returns the path."""
+        hp = self.hparams
+        labels = torch.arange(10).repeat_interleave(per_class)
+        clips = self.sample(labels, steps=steps, guidance=guidance, seed=seed).cpu()  # (10·k, 1, T, H, W)
+        t, h, w, pad = hp.num_frames, hp.height, hp.width, 1
+        rows = len(labels)
+        grid = np.full((rows * (h + pad) + pad, t * (w + pad) + pad), 0.5, dtype=np.float32)
+        for r, clip in enumerate(clips[:, 0].numpy()):  # (T, H, W)
+            y = pad + r * (h + pad)
+            for k, frame in enumerate(clip):
+                x = pad + k * (w + pad)
+                grid[y : y + h, x : x + w] = frame
+        grid = np.kron(grid, np.ones((scale, scale), dtype=np.float32))
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((grid * 255.0 + 0.5).astype(np.uint8)).save(path)
+        return path
