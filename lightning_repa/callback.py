@@ -4,57 +4,43 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_repa.align import Grid, per_frame
+from lightning_repa.align import per_frame
+from lightning_repa.attach import (
+    attach_projector,
+    batch_latents,
+    check_projector_trains,
+    frozen_message,
+    log_prefixes,
+    require_denoiser,
+)
 from lightning_repa.capture import BlockCapture
-from lightning_repa.config import Cache, Decoder, Method, RepaConfig, Teacher
+from lightning_repa.config import Cache, Method, RepaConfig, Teacher
 from lightning_repa.decoders import drop_vae_encoder
 from lightning_repa.encoders import load_encoder
 from lightning_repa.families import get_family
+from lightning_repa.kernel_alignment import cknna
 from lightning_repa.objectives import AlignResult, build_objective
-from lightning_repa.projectors import build_projector
 from lightning_repa.schedule import Cutoff, Gate, StepPlan, WeightSchedule
-from lightning_repa.step_metrics import StepMetrics
-from lightning_repa.surgery import DENOISER_ATTRS, InstanceWrappers, find_denoiser, get_path, plain_tensor_init
+from lightning_repa.step_metrics import StepMetrics, StepRecord, StepResult, nonfinite
+from lightning_repa.surgery import InstanceWrappers, get_path, plain_tensor_init
 from lightning_repa.teacher import TeacherProtocol, build_teacher
 
 PROJECTOR_ATTR = "repa_projector"
 
 
-@dataclass
-class StepRecord:
-    """One micro-batch, computed once in `training_step` and handed on: the optimizer step's plan
-    (weight, measure), the clean latents and the student's token grid."""
-
-    plan: StepPlan
-    latents: Tensor  # (B, C, h, w) clean training latents
-    grid: Optional[Grid]  # student token grid; None when this step does not measure
-
-
-@dataclass
-class StepResult:
-    """The public outcome of the last micro-batch (`RepaCallback.last_result`): detached scalars."""
-
-    step: int  # optimizer step (trainer.global_step)
-    weight: float  # scheduled weight x cutoff
-    measured: bool  # whether student and teacher tokens were computed
-    loss: Tensor  # (), the weighted aux loss added to the step's loss (0 when not aligned)
-    similarity: Optional[Tensor] = None  # (), mean cosine of matching tokens, when measured
-    terms: dict[str, Tensor] = field(default_factory=dict)  # method terms, e.g. "manifold", "score"
-    skipped: bool = False  # measured, but something was not finite: no alignment loss was added
-
-
 class RepaCallback(Callback):
-    r"""Adds representation alignment (REPA, U-REPA, iREPA) to a LightningModule that trains a diffusers denoiser.
+    r"""Adds representation alignment (REPA, U-REPA, CREPA, iREPA, LayerSync) to a LightningModule that trains a
+    diffusers denoiser.
 
     In ``setup`` the trainable projector is attached to the module (as ``repa_projector``, so
     ``configure_optimizers`` over ``self.parameters()``, checkpoints and DDP see it), together with
@@ -84,8 +70,11 @@ class RepaCallback(Callback):
     Manual optimization: call ``loss = loss + repa.compute_loss(batch)`` in ``training_step``
     after the denoiser's forward and before ``manual_backward`` (``repa`` being this callback).
 
-    Observing a step: ``last_result`` (a :class:`StepResult`) holds the last micro-batch's weight,
-    loss, similarity and method terms.
+    Observing a step: ``last_result`` (a :class:`~lightning_repa.step_metrics.StepResult`) holds the
+    last micro-batch's weight, loss, similarity, method terms and whether it was skipped.
+
+    A step whose teacher tokens, student tokens or loss are not finite adds no alignment loss on
+    any rank (``repa/skipped``); ``max_nonfinite_steps`` such steps in a row stop the run.
 
     Example::
 
@@ -127,6 +116,8 @@ class RepaCallback(Callback):
         self._checked_gradients = False
         self._warned: set[str] = set()
         self._logged: dict[str, float] = {}  # the last step's logged values
+        self._last_cknna: Optional[int] = None  # optimizer step of the last `repa/cknna`
+        self._cknna_grid: Optional[tuple[int, ...]] = None  # armed on a validation batch
         self._plan: Optional[StepPlan] = None  # plan of the optimizer step in flight
         self._record: Optional[StepRecord] = None  # the micro-batch in flight
         self._manual_called = False
@@ -146,7 +137,7 @@ class RepaCallback(Callback):
     def state_key(self) -> str:
         cfg = self.config
         teacher = cfg.encoder if cfg.teacher is Teacher.encoder else f"block {cfg.teacher_block_index}"
-        return self._generate_state_key(family=cfg.family, block_index=self.block_index, teacher=teacher)
+        return self._generate_state_key(family=self.family.name, block_index=self.block_index, teacher=teacher)
 
     @property
     def student_indices(self) -> list[int]:
@@ -175,7 +166,7 @@ class RepaCallback(Callback):
         self._trainer, self._module = trainer, pl_module
         mine = [cb for cb in trainer.callbacks if isinstance(cb, RepaCallback)]
         self.projector_attr = PROJECTOR_ATTR if len(mine) == 1 else f"{PROJECTOR_ATTR}_{mine.index(self)}"
-        self.log_prefix = _log_prefixes(mine)[mine.index(self)]
+        self.log_prefix = log_prefixes([(cb.config.name, cb.teacher_name) for cb in mine])[mine.index(self)]
         self._wrappers = InstanceWrappers(pl_module)
         original = pl_module.configure_model
 
@@ -194,50 +185,18 @@ class RepaCallback(Callback):
         cfg = self.config
         return cfg.encoder if cfg.teacher is Teacher.encoder else f"backbone{cfg.teacher_block_index}"
 
-    def _require_denoiser(self, pl_module: pl.LightningModule) -> nn.Module:
-        """The denoiser (unwrapped from torch.compile, PEFT, DDP/FSDP wrappers), of the family's class."""
-        denoiser, path = find_denoiser(pl_module, self.config.denoiser)
-        if denoiser is None:
-            where = f"`{self.config.denoiser}`" if self.config.denoiser else ", ".join(f"`{a}`" for a in DENOISER_ATTRS)
-            raise ValueError(
-                f"RepaCallback found no denoiser on {type(pl_module).__name__} (looked at {where}); "
-                "set `denoiser` to the dotted path of your transformer, e.g. denoiser='model.net'"
-            )
-        try:
-            self.family.check_class(denoiser)
-        except ValueError as error:
-            how = "the `denoiser` option" if self.config.denoiser else (
-                f"the default search ({', '.join(DENOISER_ATTRS)}, the first module found)")
-            raise ValueError(
-                f"{error}. The module was found at `{path}` by {how}; set `denoiser` to the dotted path of the "
-                f"{'/'.join(self.family.classes)} inside your LightningModule (e.g. denoiser='model.transformer')"
-            ) from None
-        return denoiser
-
     def _attach(self, pl_module: pl.LightningModule) -> None:
         cfg = self.config
         if cfg.drop_vae_encoder:  # before the optimizer and the checkpoint restore
             drop_vae_encoder(get_path(pl_module, cfg.vae_attr), cfg.vae_attr)
-        denoiser = self._require_denoiser(pl_module)
+        denoiser = require_denoiser(pl_module, self.family, cfg.denoiser)
         with plain_tensor_init():  # the encoder is built once; the decoder reads this module's VAE
             self.teacher = build_teacher(cfg, self.family, pl_module, self._encoder)
         hidden = self.family.hidden_size(denoiser)
         out_dim = self.teacher.embed_dim or hidden
-        existing = getattr(pl_module, self.projector_attr, None)
-        if existing is not None:  # a second fit on the same module keeps the trained projector
-            dims = (getattr(existing, "in_dim", None), getattr(existing, "out_dim", None))
-            if dims != (hidden, out_dim):
-                raise ValueError(
-                    f"`{self.projector_attr}` on the module (kept from an earlier fit or a checkpoint) maps {dims[0]} -> "
-                    f"{dims[1]}, but this fit needs {hidden} -> {out_dim} (the denoiser's width {hidden}, the teacher "
-                    f"{self.teacher_name!r} dimension {out_dim}); delete `{self.projector_attr}` to start a new projector, or align "
-                    "to the teacher it was trained with"
-                )
-            self._created_projector = False
-        else:
-            projector = build_projector(cfg.projector, hidden, out_dim, cfg.projector_hidden, cfg.irepa_kernel_size)
-            setattr(pl_module, self.projector_attr, projector.to(next(denoiser.parameters()).device))
-            self._created_projector = True
+        self._created_projector = attach_projector(
+            pl_module, self.projector_attr, cfg, hidden, out_dim, next(denoiser.parameters()).device, self.teacher_name
+        )
         self._attached = True
 
     def _wrap_training_step(self, original: Any) -> Any:
@@ -263,10 +222,9 @@ class RepaCallback(Callback):
         cfg = self.config
         if not self._attached:  # configure_model was bypassed (a strategy that does not call it)
             self._attach(pl_module)
-        denoiser = self._denoiser = self._require_denoiser(pl_module)
+        denoiser = self._denoiser = require_denoiser(pl_module, self.family, cfg.denoiser)
         self._capture = BlockCapture(denoiser, self.family, self.student_indices, cfg.align_call)
-        self._check_trainable(pl_module)
-        self._check_optimizer(trainer, pl_module)
+        check_projector_trains(getattr(pl_module, self.projector_attr), self.projector_attr, trainer.optimizers)
         schedule = WeightSchedule(
             cfg.schedule, cfg.lam, cfg.warmup_steps, cfg.decay_steps, cfg.lambda_end, cfg.power, trainer.max_steps
         )
@@ -275,58 +233,16 @@ class RepaCallback(Callback):
             self.teacher.to(pl_module.device)
         self.metrics.to(pl_module.device).reset()
         self._checked_gradients = False
+        self._last_cknna = self._cknna_grid = None
         self._capture.attach()
         rank_zero_info(
-            f"REPA: family={cfg.family}, block {self.block_index} of {len(self._capture.blocks)}, "
+            f"REPA: family={self.family.name}, block {self.block_index} of {len(self._capture.blocks)}, "
             f"method={self.method.value}, teacher={cfg.teacher.value}, projector={cfg.projector.value}, {schedule}"
         )
 
-    def _frozen_message(self, what: str) -> str:
-        attr = self.projector_attr
-        return (
-            f"the REPA projector (`{attr}`) {what}: it is frozen, so the alignment would pull the model towards a "
-            f"fixed random projection. Something froze the whole module after the callback attached it (e.g. "
-            f"`self.requires_grad_(False)` before adding LoRA adapters, or PEFT's get_peft_model on the module): "
-            f"freeze only the denoiser (`self.transformer.requires_grad_(False)`), or call "
-            f"`self.{attr}.requires_grad_(True)` after freezing, before the optimizer is built"
-        )
-
-    def _check_trainable(self, pl_module: pl.LightningModule) -> None:
-        frozen = [n for n, p in getattr(pl_module, self.projector_attr).named_parameters() if not p.requires_grad]
-        if frozen:
-            raise ValueError(self._frozen_message(f"has requires_grad=False ({', '.join(frozen)})"))
-
-    def _check_optimizer(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        projector = getattr(pl_module, self.projector_attr)
-        optimised = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
-        if not all(id(p) in optimised for p in projector.parameters()):
-            raise ValueError(
-                f"the REPA projector (`{self.projector_attr}`) is not in any optimizer: build the optimizer from "
-                "`self.parameters()` in configure_optimizers (the callback attaches it in setup, before)"
-            )
-
     # --- each micro-batch ---------------------------------------------------------
-    def _latents(self, batch: Any) -> Tensor:
-        key = self.config.latents_key
-        if not isinstance(batch, Mapping):
-            raise TypeError(
-                f"RepaCallback reads the clean latents from batch[{key!r}], but the batch is a {type(batch).__name__}; "
-                "return a dict from your dataset/collate_fn"
-            )
-        if key not in batch:
-            raise KeyError(
-                f"batch has no {key!r} (keys: {sorted(batch)}); set `latents_key` to the key of the clean "
-                "training-space latents"
-            )
-        if self.config.decoder is Decoder.pixels and self.config.pixels_key not in batch:
-            raise KeyError(
-                f"decoder=pixels reads batch[{self.config.pixels_key!r}], which is missing (keys: {sorted(batch)}); "
-                "set `pixels_key` or use decoder=vae/tae"
-            )
-        return batch[key]
-
     def _begin_step(self, batch: Any) -> None:
-        latents = self._latents(batch)
+        latents = batch_latents(batch, self.config)
         step = self._trainer.global_step
         if self._plan is None or self._plan.step != step:  # first micro-batch of this optimizer step
             self._plan = self.gate.plan(step)
@@ -364,7 +280,7 @@ class RepaCallback(Callback):
         projector = getattr(self._module, self.projector_attr)
         # Keeps every projector parameter in the graph, so DDP(find_unused_parameters=False)
         # also works on steps without alignment (weight 0, after the cutoff, skipped).
-        zero = sum(p.sum() for p in projector.parameters()) * 0.0
+        zero = sum((p.sum() for p in projector.parameters()), torch.zeros((), device=self._module.device)) * 0.0
         weight = record.plan.weight
         if not record.plan.measure:
             self._capture.clear()
@@ -380,12 +296,12 @@ class RepaCallback(Callback):
             )
         if self.method is Method.crepa:
             self.objective.temporal_ratio = getattr(self.teacher, "temporal_ratio", None)
-        bad = _nonfinite(("the teacher tokens", teacher), ("the student tokens", student))
+        bad = nonfinite(("the teacher tokens", teacher), ("the student tokens", student))
         result = None
         if bad is None:
             with torch.set_grad_enabled(torch.is_grad_enabled() and weight > 0):
                 result = self.objective(student, grid_s, teacher, grid_t, projector)
-            bad = _nonfinite(("the alignment loss", result.loss))
+            bad = nonfinite(("the alignment loss", result.loss))
         bad = self._agree(bad)
         if bad is not None:  # this step adds no alignment loss, on every rank
             self._skip(record.plan.step, bad)
@@ -439,8 +355,9 @@ class RepaCallback(Callback):
         params = list(getattr(pl_module, self.projector_attr).parameters())
         if self.metrics.aligned and not self._checked_gradients:
             self._checked_gradients = True
-            if all(p.grad is None for p in params):
-                raise RuntimeError(self._frozen_message("received no gradient in the first aligned step"))
+            local = [p for p in params if p.numel()]  # under FSDP a rank may hold none of the projector
+            if local and all(p.grad is None for p in local):
+                raise RuntimeError(frozen_message(self.projector_attr, "received no gradient in the first aligned step"))
         if not self.metrics.aligned:
             for p in params:
                 p.grad = None
@@ -473,6 +390,48 @@ class RepaCallback(Callback):
         if self._logged and trainer.global_step % trainer.log_every_n_steps:
             for logger in trainer.loggers:
                 logger.log_metrics(self._logged, step=trainer.global_step - 1)
+
+    # --- diagnostics: CKNNA on a held-out batch -----------------------------------------
+    @override
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        """Arm the capture (without gradients) on the first validation batch when `repa/cknna` is due."""
+        every = self.config.cknna_every_n_steps
+        if not every or batch_idx or dataloader_idx or trainer.sanity_checking or self._capture is None:
+            return
+        if self._last_cknna is not None and trainer.global_step - self._last_cknna < every:
+            return
+        self._cknna_grid = self.family.grid(batch_latents(batch, self.config).shape, self._denoiser)
+        self._capture.arm(math.prod(self._cknna_grid), with_grad=False)
+
+    @override
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Log `repa/cknna`: projected student vs teacher tokens, pooled per sample, on the armed batch."""
+        if self._cknna_grid is None:
+            return
+        grid, self._cknna_grid = self._cknna_grid, None
+        latents = batch_latents(batch, self.config)
+        if self._capture.grad_calls == 0 or latents.shape[0] < 4:
+            self._capture.clear()
+            if "cknna" not in self._warned:
+                self._warned.add("cknna")
+                rank_zero_warn("REPA: `cknna_every_n_steps` needs a validation_step that calls the denoiser on "
+                               "batches of at least 4 samples; no `repa/cknna` is logged")
+            return
+        with torch.no_grad():
+            captured = self._capture.take_all(grid)
+            student, grid_s = per_frame(captured[self.block_index], grid)
+            teacher, grid_t = per_frame(*self.teacher(batch, latents, captured))
+            p, f = self.objective.align(student, grid_s, teacher, grid_t, getattr(pl_module, self.projector_attr))
+        b = p.shape[0]
+        pooled = [F.normalize(x.reshape(b, -1, x.shape[-1]).mean(1), dim=-1) for x in (p, f)]  # (B, D), as REPA
+        value = cknna(*pooled, k=min(10, b - 1))
+        self._last_cknna = trainer.global_step
+        pl_module.log(f"{self.log_prefix}/cknna", value, on_step=False, on_epoch=True, batch_size=1)
 
     # --- teardown ----------------------------------------------------------------
     @override
@@ -513,26 +472,3 @@ class RepaCallback(Callback):
                 f"({'; '.join(changed)}); the saved EMA and latch are kept and the new settings apply from now on"
             )
 
-
-def _nonfinite(*named: tuple[str, Tensor]) -> Optional[str]:
-    """The name of the first tensor with a NaN or an infinity, or None."""
-    for name, x in named:
-        if not bool(torch.isfinite(x).all()):
-            return name
-    return None
-
-
-def _log_prefixes(callbacks: list[RepaCallback]) -> list[str]:
-    """`repa` for a single unnamed callback; else `repa/<name>`, the name defaulting to the teacher,
-    numbered where two are alike."""
-    if len(callbacks) == 1 and callbacks[0].config.name is None:
-        return ["repa"]
-    names = [cb.config.name or cb.teacher_name for cb in callbacks]
-    counts: dict[str, int] = {}
-    prefixes = []
-    for name in names:
-        if names.count(name) > 1:
-            counts[name] = counts.get(name, 0) + 1
-            name = f"{name}_{counts[name] - 1}"
-        prefixes.append(f"repa/{name}")
-    return prefixes

@@ -72,6 +72,7 @@ class BlockCapture:
         self._call: Optional[dict[str, Any]] = None
         self._captured: dict[int, Tensor] = {}
         self._without_grad: set[int] = set()
+        self._with_grad = True
         self.grad_calls = 0  # denoiser calls with gradients since `arm`
 
     # --- lifecycle -----------------------------------------------------------
@@ -99,9 +100,11 @@ class BlockCapture:
     def attached(self) -> bool:
         return bool(self._handles)
 
-    def arm(self, num_image_tokens: int) -> None:
-        """Capture the chosen denoiser call of this step; `num_image_tokens` is N from the latent grid."""
+    def arm(self, num_image_tokens: int, with_grad: bool = True) -> None:
+        """Capture the chosen denoiser call of this step; `num_image_tokens` is N from the latent grid.
+        `with_grad=False` (diagnostics on a validation batch) also takes calls without gradients."""
         self._armed, self._active, self._num_tokens = True, False, int(num_image_tokens)
+        self._with_grad = with_grad
         self._call, self._captured, self._without_grad, self.grad_calls = None, {}, set(), 0
 
     def disarm(self) -> None:
@@ -139,7 +142,7 @@ class BlockCapture:
     # --- hooks ---------------------------------------------------------------
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self._wrap_checkpointing()
-        if not self._armed or not torch.is_grad_enabled():
+        if not self._armed or (self._with_grad and not torch.is_grad_enabled()):
             return  # a no-grad pass (self-conditioning, a target) would give the denoiser no alignment gradient
         self.grad_calls += 1
         call = call_arguments(module, args, kwargs)
@@ -169,7 +172,7 @@ class BlockCapture:
                 f"latent grid, the block's image stream has {tokens.shape[1]}; are the batch latents the ones "
                 "the denoiser was called with?"
             )
-        if not tokens.requires_grad:  # no_grad, the first pass of a reentrant checkpoint, or nothing trainable
+        if self._with_grad and not tokens.requires_grad:  # no_grad, a reentrant checkpoint's first pass, ...
             self._without_grad.add(index)
             return
         self._captured[index] = tokens

@@ -39,6 +39,7 @@ class Projector(_Choice):
     linear = "linear"  # LayerNorm(hidden) -> Linear(hidden, enc_dim)
     mlp = "mlp"  # REPA paper: Linear-SiLU-Linear-SiLU-Linear, width projector_hidden
     conv = "conv"  # iREPA: Conv2d on the token grid, per frame
+    identity = "identity"  # no projection (LayerSync: a deeper block of the same width as teacher)
 
 
 class Teacher(_Choice):
@@ -85,11 +86,13 @@ class RepaConfig:
     """Options of `RepaCallback` and of the `repa` node of the Hydra app."""
 
     # --- what to align -------------------------------------------------------
-    family: str = "flux"
+    family: Any = "flux"
     """Model family (`lightning_repa.families.FAMILIES`). It fixes the block lists, token layout,
     grid and method. DiTs (method repa): flux, flux2, sd3, chroma, sana, pixart, hidream,
     auraflow, lumina2. UNets (method urepa, the mid block): sdxl, sd15, kolors. Video DiTs
-    (method crepa, tokens per frame): wan, ltxvideo, sanavideo, kandinsky5_video."""
+    (method crepa, tokens per frame): wan, ltxvideo, sanavideo, kandinsky5_video. Or a family
+    declared as data for a class the package does not ship: a `Family`, or a dict / Hydra node
+    with its block lists and token layout (`lightning_repa.families.family_from_dict`)."""
     method: Optional[Method] = None
     """repa | urepa | crepa. None takes the family's own method; a method that does not fit
     the family is an error that names the right one."""
@@ -112,6 +115,12 @@ class RepaConfig:
     """Name of this callback in the logs. One callback logs `repa/<metric>`; with several, each logs
     `repa/<name>/<metric>`, the name defaulting to the encoder (or `backbone<teacher_block_index>`),
     numbered when two are alike. A name given to a single callback is used too."""
+    cknna_every_n_steps: int = 0
+    """Every this many optimizer steps, log `repa/cknna`: the CKNNA (k = min(10, B - 1)) between the
+    projected student tokens and the teacher tokens, each pooled per sample and L2-normalised (as
+    REPA measures it; `lightning_repa.kernel_alignment.cknna`), on the first batch of
+    the validation loader (a fixed held-out batch, at the first validation run at or after each
+    N steps), without gradients. 0: off. Needs a validation loop and batches of at least 4."""
     max_nonfinite_steps: int = 10
     """A step whose teacher tokens, student tokens or alignment loss are not finite adds no
     alignment loss (counted in `repa/skipped`); after this many such optimizer steps in a row
@@ -119,7 +128,8 @@ class RepaConfig:
 
     # --- projector -----------------------------------------------------------
     projector: Projector = Projector.linear
-    """linear (LayerNorm + Linear) | mlp (REPA's 3-layer SiLU MLP) | conv (iREPA)."""
+    """linear (LayerNorm + Linear) | mlp (REPA's 3-layer SiLU MLP) | conv (iREPA) | identity (no
+    projection: LayerSync, with teacher=backbone; refused where the widths differ)."""
     projector_hidden: int = 2048
     """Width of the mlp projector's hidden layers (REPA paper: 2048)."""
 
@@ -254,8 +264,10 @@ class RepaConfig:
             )
         if self.decoder is Decoder.tae and not self.tae_checkpoint:
             raise ValueError("`decoder=tae` needs `tae_checkpoint` (a taesd .pth file or an AutoencoderTiny directory)")
-        if self.irepa and self.projector is Projector.mlp:
-            raise ValueError("`irepa=True` uses the conv projector; drop `projector=mlp` (or set irepa=False)")
+        if self.irepa and self.projector in (Projector.mlp, Projector.identity):
+            raise ValueError(
+                f"`irepa=True` uses the conv projector; drop `projector={self.projector.value}` (or set irepa=False)"
+            )
         if self.irepa and not self.spatial_align:
             raise ValueError(
                 "`irepa=True` z-scores the teacher over its spatial tokens, which `spatial_align=False` pools "
@@ -375,6 +387,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "power": (_num(lambda v: v > 0), "> 0"),
     "cutoff_step": (_int(lambda v: v >= 0), "an integer >= 0 (0: never)"),
     "max_nonfinite_steps": (_int(lambda v: v > 0), "an integer > 0"),
+    "cknna_every_n_steps": (_int(lambda v: v >= 0), "an integer >= 0 (0: off)"),
     "similarity_ema_decay": (_num(lambda v: 0 < v < 1), "in (0, 1)"),
     "similarity_threshold": (
         lambda v: v is None or _num(lambda t: -1 <= t <= 1)(v), "a cosine similarity in [-1, 1], or None (never)"

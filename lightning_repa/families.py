@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
@@ -75,10 +75,15 @@ class BlockList:
             return list(found)
         if isinstance(found, nn.Module):
             return [found]
-        what = "is None" if found is None and hasattr(model, self.attr) else "does not exist"
+        if found is None and hasattr(model, self.attr):
+            raise ValueError(
+                f"family={family!r}: `{self.attr}` of {type(model).__name__} is None, so there is no block to align; "
+                f"use a {type(model).__name__} config that has `{self.attr}`"
+            )
+        lists = [f"{name} ({len(m)})" for name, m in model.named_children() if isinstance(m, nn.ModuleList)]
         raise ValueError(
-            f"family={family!r}: `{self.attr}` of {type(model).__name__} {what}, so there is no block to align; "
-            f"use a {type(model).__name__} config that has `{self.attr}`"
+            f"family={family!r}: {type(model).__name__} has no block list `{self.attr}`; its block lists are: "
+            f"{', '.join(lists) or 'none'}"
         )
 
 
@@ -243,9 +248,83 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def get_family(name: str) -> Family:
-    if name not in FAMILIES:
-        close = difflib.get_close_matches(str(name), list(FAMILIES), n=1)
+SELECTORS: dict[str, TokenSelector] = {
+    "all": _all, "first": _first, "last": _last, "after_text": _after_text, "after_caption": _after_caption,
+    "no_fractal": _no_fractal,
+}
+"""Where the image tokens sit in a block's stream, by the name a declared family uses (`select:`)."""
+WIDTHS: dict[str, Callable[[nn.Module], int]] = {"transformer": _transformer_width, "unet": _unet_width}
+"""How the captured stream's width is read from the model, by name (`width:`)."""
+STRIDES: dict[str, Callable[[nn.Module], tuple[int, ...]]] = {
+    "patch": _patch_stride, "unet": _unet_stride, "video": _video_stride}
+"""How latent positions per token are read from the model, by name (`stride:`)."""
+
+_SPEC_KEYS = {"name", "method", "classes", "blocks", "default_block_index", "pack", "latent_format", "width",
+              "stride", "video"}
+_BLOCK_KEYS = {"attr", "output", "select", "feature_map"}
+
+
+def _named(table: dict[str, Any], value: Any, what: str) -> Any:
+    if callable(value):
+        return value
+    if value not in table:
+        close = difflib.get_close_matches(str(value), list(table), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown `family` {name!r}{hint} (known: {', '.join(FAMILIES)})")
-    return FAMILIES[name]
+        raise ValueError(f"family: unknown {what} {value!r}{hint} (known: {', '.join(table)})")
+    return table[value]
+
+
+def family_from_dict(spec: Mapping[str, Any]) -> Family:
+    """A family declared as data (a dict, or a Hydra `family:` node), e.g. CogView4::
+
+        family_from_dict({"name": "cogview4", "classes": ["CogView4Transformer2DModel"],
+                          "blocks": [{"attr": "transformer_blocks", "output": 0}], "default_block_index": 8})
+
+    Keys: `name`, `classes` (class names of the denoiser), `blocks` (in forward order, each
+    `attr` (a ModuleList or one module of the denoiser), `output` (tuple element of the image
+    stream, or null for a tensor), `select` (where the image tokens sit: a name of `SELECTORS`,
+    default "all"), `feature_map` (a (B, C, H, W) output)), `default_block_index`; optional
+    `method` (repa), `pack` (spatial packing by the pipeline, 1), `latent_format` ("kl"),
+    `width` ("transformer" or "unet"), `stride` ("patch", "unet" or "video"), `video` (False).
+    """
+    unknown = set(spec) - _SPEC_KEYS
+    missing = {"name", "classes", "blocks", "default_block_index"} - set(spec)
+    if unknown or missing:
+        raise ValueError(
+            f"family: {'unknown keys ' + str(sorted(unknown)) if unknown else ''}"
+            f"{'; ' if unknown and missing else ''}{'missing keys ' + str(sorted(missing)) if missing else ''} "
+            f"(keys: {', '.join(sorted(_SPEC_KEYS))})"
+        )
+    blocks = []
+    for block in spec["blocks"]:
+        block = {"attr": block} if isinstance(block, str) else dict(block)
+        if set(block) - _BLOCK_KEYS or "attr" not in block:
+            raise ValueError(f"family {spec['name']!r}: a block list needs `attr` and may have "
+                             f"{', '.join(sorted(_BLOCK_KEYS - {'attr'}))}; got {block}")
+        select = _named(SELECTORS, block.get("select", "all"), "selector (`select`)")
+        blocks.append(BlockList(block["attr"], block.get("output"), select, bool(block.get("feature_map", False))))
+    classes = spec["classes"]
+    return Family(
+        str(spec["name"]), Method.parse(spec.get("method", "repa"), "family.method"),
+        (classes,) if isinstance(classes, str) else tuple(classes), tuple(blocks), int(spec["default_block_index"]),
+        pack=int(spec.get("pack", 1)), latent_format=str(spec.get("latent_format", "kl")),
+        width=_named(WIDTHS, spec.get("width", "transformer"), "width"),
+        stride=_named(STRIDES, spec.get("stride", "video" if spec.get("video") else "patch"), "stride"),
+        video=bool(spec.get("video", False)),
+    )
+
+
+def get_family(family: str | Family | Mapping[str, Any]) -> Family:
+    """A shipped family by name, a declared `Family`, or one declared as a dict (`family_from_dict`)."""
+    if isinstance(family, Family):
+        return family
+    if isinstance(family, Mapping):
+        return family_from_dict(family)
+    if family not in FAMILIES:
+        close = difflib.get_close_matches(str(family), list(FAMILIES), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"unknown `family` {family!r}{hint} (known: {', '.join(FAMILIES)}; or declare one: a Family or a dict, "
+            "see `family_from_dict`)"
+        )
+    return FAMILIES[family]

@@ -37,7 +37,7 @@ class _Float32(nn.Module):
 
     def forward(self, x: Tensor, hw: Grid) -> Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return self._run(x.to(next(self.parameters()).dtype), hw)
+            return self._run(x.float(), hw)  # float32 for life (not read from the parameters: FSDP may flatten them)
 
     def _run(self, x: Tensor, hw: Grid) -> Tensor:
         return self.body(x)
@@ -76,13 +76,30 @@ class ConvProjector(_Float32):
         return y.reshape(*lead, *y.shape[-2:])
 
 
+class IdentityProjector(_Float32):
+    """No projection (LayerSync: a block aligned with a deeper block of the same width); float32."""
+
+    def __init__(self, hidden: int, out_dim: int) -> None:
+        if hidden != out_dim:
+            raise ValueError(
+                f"`projector=identity` needs the teacher's width to equal the student's, got {hidden} -> {out_dim}; "
+                "use it with teacher=backbone (LayerSync), or a linear/mlp projector"
+            )
+        super().__init__(hidden, out_dim)
+
+    def forward(self, x: Tensor, hw: Grid) -> Tensor:
+        return x.float()
+
+
 def build_projector(kind: str, hidden: int, out_dim: int, width: int = 2048, kernel_size: int = 3) -> nn.Module:
-    """The projector named by the `projector` option: linear | mlp | conv."""
+    """The projector named by the `projector` option: linear | mlp | conv | identity."""
     kind = getattr(kind, "value", kind)
+    if kind == "identity":
+        return IdentityProjector(hidden, out_dim)
     if kind == "linear":
         return LinearProjector(hidden, out_dim)
     if kind == "mlp":
         return MLPProjector(hidden, out_dim, width)
     if kind == "conv":
         return ConvProjector(hidden, out_dim, kernel_size)
-    raise ValueError(f"`projector` must be 'linear', 'mlp' or 'conv', got {kind!r}")
+    raise ValueError(f"`projector` must be 'linear', 'mlp', 'conv' or 'identity', got {kind!r}")

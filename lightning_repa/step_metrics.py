@@ -7,11 +7,38 @@ whose alignment was skipped because something was not finite.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
+
+from lightning_repa.align import Grid
+from lightning_repa.schedule import StepPlan
+
+
+@dataclass
+class StepRecord:
+    """One micro-batch, computed once in `training_step` and handed on: the optimizer step's plan
+    (weight, measure), the clean latents and the student's token grid."""
+
+    plan: StepPlan
+    latents: Tensor  # (B, C, h, w) clean training latents
+    grid: Optional[Grid]  # student token grid; None when this step does not measure
+
+
+@dataclass
+class StepResult:
+    """The public outcome of the last micro-batch (`RepaCallback.last_result`): detached scalars."""
+
+    step: int  # optimizer step (trainer.global_step)
+    weight: float  # scheduled weight x cutoff
+    measured: bool  # whether student and teacher tokens were computed
+    loss: Tensor  # (), the weighted aux loss added to the step's loss (0 when not aligned)
+    similarity: Optional[Tensor] = None  # (), mean cosine of matching tokens, when measured
+    terms: dict[str, Tensor] = field(default_factory=dict)  # method terms, e.g. "manifold", "score"
+    skipped: bool = False  # measured, but something was not finite: no alignment loss was added
 
 
 class StepMetrics:
@@ -80,3 +107,11 @@ class StepMetrics:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped_total = int(state.get("skipped_total", 0))
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
+
+
+def nonfinite(*named: tuple[str, Tensor]) -> Optional[str]:
+    """The name of the first tensor with a NaN or an infinity, or None."""
+    for name, x in named:
+        if not bool(torch.isfinite(x).all()):
+            return name
+    return None

@@ -119,7 +119,7 @@ def _build_decoder(cfg: RepaConfig, family: Family, module: nn.Module) -> Option
     vae = get_path(module, cfg.vae_attr)
     if vae is None and (cfg.decoder is Decoder.vae or family.latent_format == "flux2"):
         raise ValueError(
-            f"decoder={cfg.decoder.value} for family={cfg.family!r} needs the VAE at `vae_attr`={cfg.vae_attr!r} "
+            f"decoder={cfg.decoder.value} for family={family.name!r} needs the VAE at `vae_attr`={cfg.vae_attr!r} "
             f"on {type(module).__name__}; attach it there, set `vae_attr`, or use decoder=pixels"
         )
     tae = load_tiny_decoder(cfg.tae_checkpoint, family.latent_format) if cfg.decoder is Decoder.tae else None

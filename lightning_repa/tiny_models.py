@@ -1,4 +1,4 @@
-"""Tiny random denoisers of the nine image DiT families and the three UNet families, for tests,
+"""Tiny random denoisers of the image DiT families and the three UNet families, for tests,
 notebooks and benchmarks.
 
 Each entry of `TINY_FAMILIES` builds the real diffusers class with a tiny config (hidden
@@ -18,14 +18,27 @@ Latents are always spatial (B, C, h, w), as training scripts cache them:
   so the token grid is (h, w).
 - sd3, sana, pixart, hidream, auraflow, lumina2: the model patchifies with its own
   `patch_size`; the token grid is (h/p, w/p).
+- dit (DiTTransformer2DModel, class-conditional, patch 2): (h/2, w/2); `class_labels` (B,) in the
+  conditioning, timestep t * 1000 (DDPM scale, DiTPipeline), learned-sigma channels dropped. SQUARE
+  latents only: the class unpatchifies as `height = width = sqrt(tokens)` (its blocks take any grid).
+  `build` sets the label dropout to 0 (diffusers drops labels with the global RNG in train mode).
+- flux3 (Flux3Transformer2DModel): like flux2, the latent is already 2x2-patchified (128 channels
+  released, 16 tiny), one position is one token, grid (h, w); ids (t, h, w, l) with h, w halved
+  (`image_rope_scale` 0.5). The tiny conditioning carries one reference image (the edit branch), so
+  the joint blocks' image stream is [N image, 6 reference].
+- qwenimage (QwenImageTransformer2DModel): `forward` packs 2x2 as Flux (config patch_size 2 is that
+  packing; the model does not patchify), grid (h/2, w/2), `img_shapes` [(1, h/2, w/2)], timestep t
+  (the model scales by 1000), a ragged text mask.
+- z_image (ZImageTransformer2DModel): per-sample lists as ZImagePipeline: x [(C, 1, h, w)], t = 1 - t
+  (1 = clean), captions = the valid rows of each padded caption; patch 2, grid (h/2, w/2).
 - sd15, sdxl, kolors (`UNet2DConditionModel`): the U-REPA tap is `unet.mid_block`, whose
   output (B, C, h/f, w/f) is f = 2**(down blocks that downsample) times smaller than the
   latent: f = 8 for sd15 (3 of 4 down blocks halve), 4 for sdxl and kolors (2 of 3). Latent
   sides must be multiples of f (`token_grid` refuses others; the real UNets need the same).
 
 `t` is the noise level in [0, 1] (flow matching sigma, 1 = pure noise); `forward` maps it
-to each class's convention, as its pipeline does (x1000 for the UNets too, or 1 - t for
-lumina2). The output is the raw model prediction (no sign flip; pixart's learned-sigma
+to each class's convention, as its pipeline does (x1000 for the UNets and dit too, or 1 - t for
+lumina2 and z_image). The output is the raw model prediction (no sign flip; pixart's learned-sigma
 channels are dropped).
 
 The UNets' conditioning is flat like the others'; `forward` hands sdxl's and kolors'
@@ -50,14 +63,18 @@ import torch
 from diffusers import (
     AuraFlowTransformer2DModel,
     ChromaTransformer2DModel,
+    DiTTransformer2DModel,
     Flux2Transformer2DModel,
+    Flux3Transformer2DModel,
     FluxTransformer2DModel,
     HiDreamImageTransformer2DModel,
     Lumina2Transformer2DModel,
     PixArtTransformer2DModel,
+    QwenImageTransformer2DModel,
     SanaTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
+    ZImageTransformer2DModel,
 )
 from torch import Tensor, nn
 
@@ -69,6 +86,9 @@ HIDREAM_LLAMA_LAYERS = 4  # one llama3 layer per hidream block (2 double + 2 sin
 # SDXL micro-conditioning: (original h, w, crop top, left, target h, w), the pipelines' default
 # for 1024x1024 images; the tiny UNets embed each with `addition_time_embed_dim` sinusoids.
 SDXL_TIME_IDS = (1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0)
+DIT_CLASSES = 10  # tiny `num_embeds_ada_norm` (DiT-XL/2: 1000 ImageNet classes); label DIT_CLASSES = "no class"
+FLUX3_IMAGE_ROPE_SCALE = 0.5  # Flux3PrepareLatentsStep(image_rope_scale=0.5): image (h, w) ids are halved
+FLUX3_REFERENCE_GRID = (2, 3)  # the tiny flux3's reference image: a 2x3 token grid (an edit / image-to-image call)
 
 
 @dataclass(frozen=True)
@@ -85,12 +105,17 @@ class TinyFamily:
     # Further spatial reduction between the input tokens and the captured block: 1 for DiTs,
     # 2**(down blocks that downsample) for a UNet's mid block. Token grid = h // (patch * downsample).
     downsample: int = 1
+    # adjusts the built model (DiT: no label dropout inside the model, see `_no_label_dropout`)
+    post_init: Callable[[nn.Module], None] | None = field(default=None, repr=False)
 
     def build(self, seed: int = 0) -> nn.Module:
         """The diffusers model with random weights from `seed`; the global RNG is untouched."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.model_class(**self.config)
+            model = self.model_class(**self.config)
+            if self.post_init is not None:
+                self.post_init(model)
+            return model
 
     def make_cond(self, batch_size: int, seed: int = 0) -> Cond:
         """Random but deterministic conditioning (text embeddings, ids, masks)."""
@@ -164,6 +189,46 @@ def _cond_lumina2(b: int, g: torch.Generator) -> Cond:
     lengths = torch.tensor([TEXT_LEN - 2 * (i % 2) for i in range(b)])
     mask = torch.arange(TEXT_LEN)[None] < lengths[:, None]  # (B, L) bool
     return {"encoder_hidden_states": _text(g, b, TEXT_LEN, TEXT_DIM), "encoder_attention_mask": mask}
+
+
+def _cond_dit(b: int, g: torch.Generator) -> Cond:
+    return {"class_labels": torch.randint(0, DIT_CLASSES, (b,), generator=g)}  # (B,) long, ImageNet-style
+
+
+def _flux3_ids(gh: int, gw: int, l_coord: int = 0) -> Tensor:
+    """(gh*gw, 4) ids (t, h, w, l) = (0, row/2, col/2, l), row-major, as flux3 `_prepare_image_ids`."""
+    ids = torch.cartesian_prod(torch.arange(1), torch.arange(gh), torch.arange(gw), torch.tensor([l_coord])).float()
+    ids[:, 1:3] = ids[:, 1:3] * FLUX3_IMAGE_ROPE_SCALE
+    return ids
+
+
+def _cond_flux3(b: int, g: torch.Generator) -> Cond:
+    rh, rw = FLUX3_REFERENCE_GRID
+    return {
+        "encoder_hidden_states": _text(g, b, TEXT_LEN, TEXT_DIM),  # (B, L, 32): stacked Qwen3-VL states
+        "txt_ids": torch.cartesian_prod(*(torch.arange(n) for n in (1, 1, 1, TEXT_LEN))).float(),  # (L, 4)
+        # one reference image (the edit / image-to-image branch; text-to-image passes none and leaves the
+        # `image_cond` embedder, modulations and mode blocks without gradient)
+        "image_cond_hidden_states": _text(g, b, rh * rw, 16),  # (B, 6, 16): packed reference latent tokens
+        "image_cond_ids": _flux3_ids(rh, rw, l_coord=-1),  # (6, 4): reference l = -1
+    }
+
+
+def _ragged_mask(b: int) -> Tensor:
+    """(B, L) long text mask, valid lengths 5, 3, 5, 3, ... (right padding, as tokenizers pad)."""
+    lengths = torch.tensor([TEXT_LEN - 2 * (i % 2) for i in range(b)])
+    return (torch.arange(TEXT_LEN)[None] < lengths[:, None]).long()
+
+
+def _cond_qwenimage(b: int, g: torch.Generator) -> Cond:
+    # QwenImagePipeline passes `prompt_embeds_mask` (None when all ones)
+    return {"encoder_hidden_states": _text(g, b, TEXT_LEN, TEXT_DIM), "encoder_hidden_states_mask": _ragged_mask(b)}
+
+
+def _cond_z_image(b: int, g: torch.Generator) -> Cond:
+    # padded (B, L, 32) + mask; `forward` hands the transformer the per-sample valid rows, as
+    # ZImagePipeline._encode_prompt does (`prompt_embeds[i][prompt_masks[i]]`)
+    return {"encoder_hidden_states": _text(g, b, TEXT_LEN, TEXT_DIM), "encoder_attention_mask": _ragged_mask(b).bool()}
 
 
 def _cond_sdxl(b: int, g: torch.Generator) -> Cond:
@@ -246,6 +311,53 @@ def _forward_auraflow(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Ten
 def _forward_lumina2(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
     # Lumina2Pipeline passes 1 - sigma (1 = clean) and negates the prediction; we keep it raw
     return model(hidden_states=x, timestep=1 - t, return_dict=False, **cond)[0]
+
+
+def _forward_dit(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    h, w = x.shape[-2:]
+    if h != w:  # the blocks take any grid (PatchEmbed recomputes its sin-cos table), the output does not
+        raise ValueError(
+            f"dit: DiTTransformer2DModel unpatchifies its output as a square (`height = width = "
+            f"int(tokens ** 0.5)`, dit_transformer_2d.py L214), so latents must be square, got {h}x{w}"
+        )
+    out = model(hidden_states=x, timestep=t * 1000, class_labels=cond["class_labels"], return_dict=False)[0]
+    return out[:, : x.shape[1]]  # (B, 2C, h, w): drop the learned-sigma channels, as DiTPipeline does
+
+
+def _no_label_dropout(model: nn.Module) -> None:
+    """DiT's label embedders drop labels in train mode with the *global* RNG (`LabelEmbedding.token_drop`,
+    `torch.rand`, class_dropout_prob 0.1); the tiny model keeps the labels so that a forward is a pure
+    function of its inputs. Drop labels in the training step instead (label `DIT_CLASSES` = no class)."""
+    for module in model.modules():
+        if type(module).__name__ == "LabelEmbedding":
+            module.dropout_prob = 0.0
+
+
+def _forward_flux3(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    b, c, h, w = x.shape
+    tokens = x.flatten(2).transpose(1, 2)  # (B, h*w, C), as Flux3PrepareLatentsStep (latents already packed 2x2)
+    out = model(hidden_states=tokens, img_ids=_flux3_ids(h, w).to(x), timestep=t, return_dict=False, **cond)[0]
+    return out.transpose(1, 2).reshape(b, c, h, w)  # Flux3UnpackLatentsStep
+
+
+def _forward_qwenimage(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    b, _, h, w = x.shape
+    out = model(
+        hidden_states=pack2x2(x),  # (B, N, 4C), QwenImagePipeline._pack_latents (= Flux's)
+        timestep=t,  # the pipeline passes timestep / 1000; the model's Timesteps(scale=1000) scales it back
+        img_shapes=[[(1, h // 2, w // 2)]] * b,
+        return_dict=False,
+        **cond,
+    )[0]
+    return unpack2x2(out, h, w)
+
+
+def _forward_z_image(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    caps = [e[m] for e, m in zip(cond["encoder_hidden_states"], cond["encoder_attention_mask"])]  # (L_i, 32) each
+    # ZImagePipeline: per-sample list of (C, 1, h, w), t = (1000 - timestep) / 1000 = 1 - sigma (1 = clean),
+    # the caption list positionally; it negates the prediction, we keep it raw
+    out = model(list(x.unsqueeze(2).unbind(0)), 1 - t, caps, return_dict=False)[0]  # list of (C, 1, h, w)
+    return torch.stack(out).squeeze(2)
 
 
 def _forward_unet(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
@@ -416,6 +528,56 @@ TINY_FAMILIES: dict[str, TinyFamily] = {
             patch=2,
             cond_fn=_cond_lumina2,
             forward_fn=_forward_lumina2,
+        ),
+        TinyFamily(
+            "dit",
+            DiTTransformer2DModel,
+            dict(
+                _DIM, in_channels=4, out_channels=8, num_layers=3, sample_size=8, patch_size=2,
+                num_embeds_ada_norm=DIT_CLASSES,
+            ),
+            latent_channels=4,
+            patch=2,
+            cond_fn=_cond_dit,
+            forward_fn=_forward_dit,
+            post_init=_no_label_dropout,
+        ),
+        TinyFamily(
+            "flux3",
+            Flux3Transformer2DModel,
+            dict(
+                _DIM, in_channels=16, cond_in_channels=16, num_layers=2, num_single_layers=2,
+                joint_attention_dim=TEXT_DIM, timestep_channels=32, axes_dims_rope=(4, 4, 4, 4),
+            ),
+            latent_channels=16,
+            patch=1,
+            cond_fn=_cond_flux3,
+            forward_fn=_forward_flux3,
+        ),
+        TinyFamily(
+            "qwenimage",
+            QwenImageTransformer2DModel,
+            dict(
+                _DIM, patch_size=2, in_channels=16, out_channels=4, num_layers=3, joint_attention_dim=TEXT_DIM,
+                axes_dims_rope=(4, 6, 6),
+            ),
+            latent_channels=4,
+            patch=2,
+            cond_fn=_cond_qwenimage,
+            forward_fn=_forward_qwenimage,
+        ),
+        TinyFamily(
+            "z_image",
+            ZImageTransformer2DModel,
+            dict(
+                all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=3, n_refiner_layers=1,
+                n_heads=2, n_kv_heads=2, cap_feat_dim=TEXT_DIM, axes_dims=[4, 6, 6],
+                axes_lens=[256, 64, 64],  # caption positions + 1 (t axis), then H', W' up to 64
+            ),
+            latent_channels=4,
+            patch=2,
+            cond_fn=_cond_z_image,
+            forward_fn=_forward_z_image,
         ),
         TinyFamily(
             "sd15",

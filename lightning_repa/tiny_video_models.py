@@ -1,4 +1,4 @@
-"""Tiny random video denoisers and video VAEs of the four CREPA families, for tests, notebooks
+"""Tiny random video denoisers and video VAEs of the CREPA families, for tests, notebooks
 and benchmarks, and the facts a per-frame capture needs (diffusers 0.42.1, checked by running
 them in tests/test_tiny_video_models.py).
 
@@ -38,6 +38,14 @@ What `forward` does before the transformer, as the pipelines do:
   `build` re-randomises `Kandinsky5Modulation` (zero-initialised by diffusers: adaLN-zero blocks are
   identities at init and their attention/FF get no gradient); released weights are not zero.
 
+- hunyuan_video15 (`HunyuanVideo15Pipeline`, text-to-video): [latents, zero condition latents, zero
+  mask] on channels (2C+1), timestep sigma * 1000, two text streams (Qwen2.5-VL + byT5) with masks and
+  zero `image_embeds`; patch (1, 1, 1) as released.
+- ltx2 (`LTX2Pipeline`): packs as LTX-Video (`ltx_pack`), timestep = sigma = sigma * 1000, latent sizes
+  as `num_frames/height/width`, fps 24, and an audio token stream (`audio_hidden_states` in the
+  conditioning, with its text states and mask); `forward` returns the video prediction only, so the
+  audio head gets no gradient.
+
 Facts (`VIDEO_FACTS`, `VIDEO_VAE_FACTS`). D = hidden width; r = VAE temporal ratio.
 
 Blocks (class: block list(s), count in the tiny config; every block returns ONE tensor):
@@ -48,9 +56,14 @@ Blocks (class: block list(s), count in the tiny config; every block returns ONE 
   run first) and `visual_transformer_blocks` (3; (B, T'H'W', D)).
 - Per-frame tokens for all four: `out.reshape(B, T', H'*W', D)` (`frame_tokens`); Kandinsky 5 with
   nabla attention: `kandinsky_unfractal(out, (T', H', W'))`.
+- hunyuan_video15, HunyuanVideo15Transformer3DModel: `transformer_blocks` (3), each returns a TUPLE
+  (image (B, T'H'W', D), text); image tokens only in element 0 (the text joins inside the attention).
+- ltx2, LTX2VideoTransformer3DModel: `transformer_blocks` (3), each returns a TUPLE (video (B, T'H'W', D),
+  audio (B, L_a, D_a)); in the IC-LoRA / condition pipelines reference and keyframe tokens follow the
+  N noisy video tokens in element 0.
 
-- Every image block holds image tokens only (text enters by cross-attention; no text, register
-  or padding tokens), flattened (T', H', W') row-major, frame-major. T' = T/pt, H' = h/ph, W' = w/pw:
+- Every image block of the first four holds image tokens only (text enters by cross-attention; no text,
+  register or padding tokens), flattened (T', H', W') row-major, frame-major. T' = T/pt, H' = h/ph, W' = w/pw:
   (1, 2, 2) for wan, sanavideo, kandinsky5_video (tiny and released); (1, 1, 1) for ltxvideo.
   Kandinsky 5: align on `visual_transformer_blocks` only (its text blocks hold (B, L, D) text).
 - Verified by perturbing one latent position (t, y, x) and finding the only token that changes at
@@ -116,9 +129,13 @@ from typing import Any, Callable
 import torch
 from diffusers import (
     AutoencoderKLHunyuanVideo,
+    AutoencoderKLHunyuanVideo15,
+    AutoencoderKLLTX2Video,
     AutoencoderKLLTXVideo,
     AutoencoderKLWan,
+    HunyuanVideo15Transformer3DModel,
     Kandinsky5Transformer3DModel,
+    LTX2VideoTransformer3DModel,
     LTXVideoTransformer3DModel,
     SanaVideoTransformer3DModel,
     WanTransformer3DModel,
@@ -133,6 +150,10 @@ TEXT_DIM = 32  # width of every random text embedding
 LTX_FRAME_RATE = 25  # LTXPipeline's default `frame_rate`
 LTX_VAE_RATIOS = (8, 32)  # real LTX-Video VAE: temporal, spatial compression (the rope scale uses them)
 KANDINSKY_ROPE_SCALE = (1.0, 2.0, 2.0)  # Kandinsky5T2VPipeline._get_scale_factor at 480p-854p
+HV15_TEXT2_LEN = 3  # byT5 (glyph) tokens of the tiny HunyuanVideo 1.5 conditioning
+HV15_IMAGE_TOKENS = 4  # SigLIP tokens of the tiny `image_embeds` (released: 729 x 1152; zeros for text-to-video)
+LTX2_FRAME_RATE = 24.0  # LTX2Pipeline's default `frame_rate` (the transformer's `fps`)
+LTX2_AUDIO_TOKENS = 4  # audio latent frames of the tiny LTX-2 call (the audio stream runs alongside the video)
 
 
 @dataclass(frozen=True)
@@ -224,6 +245,29 @@ def _cond_masked(b: int, g: torch.Generator) -> Cond:
     return {"encoder_hidden_states": _text(g, b, TEXT_LEN, TEXT_DIM), "encoder_attention_mask": mask}
 
 
+def _cond_hunyuan_video15(b: int, g: torch.Generator) -> Cond:
+    mask_2 = (torch.arange(HV15_TEXT2_LEN)[None] < torch.tensor([2 - (i % 2) for i in range(b)])[:, None]).long()
+    return {
+        **_cond_masked(b, g),  # Qwen2.5-VL states (B, L, 32) and their mask
+        "encoder_hidden_states_2": _text(g, b, HV15_TEXT2_LEN, 16),  # byT5 glyph states (B, 3, 16)
+        "encoder_attention_mask_2": mask_2,  # valid lengths 2, 1, 2, ...
+        # HunyuanVideo15Pipeline (text-to-video) passes zeros; the model then masks these tokens out
+        "image_embeds": torch.zeros(b, HV15_IMAGE_TOKENS, 16),
+    }
+
+
+def _cond_ltx2(b: int, g: torch.Generator) -> Cond:
+    cond = _cond_masked(b, g)  # video text (B, L, 32) and the connector's mask
+    return {
+        **cond,
+        "audio_encoder_hidden_states": _text(g, b, TEXT_LEN, TEXT_DIM),  # the connector's audio text states
+        "audio_encoder_attention_mask": cond["encoder_attention_mask"],  # the pipeline passes the same mask
+        # the (noisy) audio latent tokens (B, L_audio, C_audio*mel): LTX-2 denoises audio and video together;
+        # `forward` returns the video prediction only
+        "audio_hidden_states": _text(g, b, LTX2_AUDIO_TOKENS, 8),
+    }
+
+
 def _cond_kandinsky(b: int, g: torch.Generator) -> Cond:
     return {
         "encoder_hidden_states": _text(g, b, TEXT_LEN, TEXT_DIM),  # (B, L, 32): Qwen2.5-VL states
@@ -288,6 +332,32 @@ def _forward_kandinsky(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Te
         **cond,
     )  # bare tensor (B, T, h, w, C)
     return out.permute(0, 4, 1, 2, 3)
+
+
+def _forward_hunyuan_video15(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    # HunyuanVideo15Pipeline (text-to-video): [latents, zero condition latents, zero mask] on channels
+    # (prepare_cond_latents_and_mask, L508-524; L737), timestep = scheduler timestep (sigma * 1000)
+    v = torch.cat([x, torch.zeros_like(x), x.new_zeros(x.shape[0], 1, *x.shape[2:])], dim=1)  # (B, 2C+1, T, h, w)
+    return model(hidden_states=v, timestep=t * 1000, return_dict=False, **cond)[0]  # (B, C, T, h, w)
+
+
+def _forward_ltx2(model: nn.Module, x: Tensor, t: Tensor, cond: Cond) -> Tensor:
+    p, pt = model.config.patch_size, model.config.patch_size_t
+    _, _, f, h, w = x.shape
+    grid = (f // pt, h // p, w // p)
+    video, _audio = model(
+        hidden_states=ltx_pack(x, p, pt),  # (B, N, C*pt*p*p), LTX2Pipeline._pack_latents (= LTX-Video's)
+        timestep=t * 1000,  # LTX2Pipeline: the scheduler timestep (sigma * 1000), also as `sigma` (LTX-2.3)
+        sigma=t * 1000,
+        num_frames=f,  # latent sizes: `prepare_video_coords` steps them by the patch size itself
+        height=h,
+        width=w,
+        fps=LTX2_FRAME_RATE,
+        audio_num_frames=cond["audio_hidden_states"].shape[1],
+        return_dict=False,
+        **cond,
+    )
+    return ltx_unpack(video, grid, p, pt)
 
 
 def _randomise_kandinsky_modulation(model: nn.Module) -> None:
@@ -358,6 +428,35 @@ TINY_VIDEO_FAMILIES: dict[str, TinyVideoFamily] = {
             forward_fn=_forward_kandinsky,
             post_init=_randomise_kandinsky_modulation,
         ),
+        TinyVideoFamily(
+            "hunyuan_video15",
+            HunyuanVideo15Transformer3DModel,
+            dict(
+                _DIM, in_channels=9, out_channels=4, num_layers=3, num_refiner_layers=1, patch_size=1,
+                patch_size_t=1,  # as released (480p/720p): one token per latent position
+                text_embed_dim=TEXT_DIM, text_embed_2_dim=16, image_embed_dim=16,
+                rope_axes_dim=(4, 6, 6),  # head dim 16
+            ),
+            latent_channels=4,
+            patch=(1, 1, 1),
+            cond_fn=_cond_hunyuan_video15,
+            forward_fn=_forward_hunyuan_video15,
+        ),
+        TinyVideoFamily(
+            "ltx2",
+            LTX2VideoTransformer3DModel,
+            dict(
+                _DIM, in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, cross_attention_dim=32,
+                caption_channels=TEXT_DIM, num_layers=3,
+                # audio stream: 2 heads of 8 (the a2v/v2a attention needs as many audio heads as video heads)
+                audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2, audio_attention_head_dim=8,
+                audio_cross_attention_dim=16,
+            ),
+            latent_channels=8,
+            patch=(1, 1, 1),
+            cond_fn=_cond_ltx2,
+            forward_fn=_forward_ltx2,
+        ),
     )
 }
 
@@ -372,7 +471,7 @@ class VideoFamilyFacts:
     model_class: str
     block_lists: tuple[tuple[str, int], ...]  # every nn.ModuleList of blocks, forward order, count in the tiny config
     align_blocks: str  # the list that holds the image stream (block_index counts within it)
-    block_output: str  # "tensor": the block returns one tensor (no tuple)
+    block_output: str  # "tensor": the block returns one tensor; "tuple[0]": a tuple, element 0 the image stream
     layout: str  # the stream inside the blocks
     to_frames: str  # how to get (B, T', H'*W', D)
     real_latent_channels: str
@@ -434,6 +533,38 @@ VIDEO_FACTS: dict[str, VideoFamilyFacts] = {
         "timestep=sigma*1000, visual_rope_pos, text_rope_pos, scale_factor, sparse_params) -> bare tensor "
         "(B,T,h,w,C) with return_dict=False; pipeline_kandinsky.py L885",
     ),
+    "hunyuan_video15": VideoFamilyFacts(
+        "HunyuanVideo15Transformer3DModel",
+        (("transformer_blocks", 3),),
+        "transformer_blocks",
+        "tuple[0]",  # (hidden_states, encoder_hidden_states): element 0 is the image stream
+        "(B, T'*H'*W', D), image tokens only (Conv3d patch embed, flatten(2).transpose(1, 2)); the text "
+        "(valid image/byT5/Qwen tokens first, then their padding) is element 1 and joins only inside the "
+        "attention, after the image tokens; T'=T/pt, H'=h/p, W'=w/p, (1, 1, 1) released",
+        "out[0].reshape(B, T', H'*W', D)",
+        "32 (HunyuanVideo-1.5 VAE, spatial 16, temporal 4)",
+        "AutoencoderKLHunyuanVideo15",
+        "model(hidden_states=cat([latents, cond_latents (0 for t2v), mask (0)], 1) (B,2C+1,T,h,w), "
+        "timestep=sigma*1000, encoder_hidden_states, encoder_attention_mask, encoder_hidden_states_2, "
+        "encoder_attention_mask_2, image_embeds (zeros (B,729,1152) for t2v)) -> tuple, [0] (B,C,T,h,w); "
+        "pipeline_hunyuan_video1_5.py L737-786",
+    ),
+    "ltx2": VideoFamilyFacts(
+        "LTX2VideoTransformer3DModel",
+        (("transformer_blocks", 3),),
+        "transformer_blocks",
+        "tuple[0]",  # (video hidden_states, audio_hidden_states): element 0 is the video stream
+        "(B, T'*H'*W' [+ appended reference/keyframe tokens in the IC-LoRA/condition pipelines], D): the N "
+        "noisy video tokens first, (T', H', W') row-major (LTX2Pipeline._pack_latents); the audio stream is "
+        "element 1; patch 1 released, so (T', H', W') = (T, h, w)",
+        "out[0][:, :N].reshape(B, T', H'*W', D)",
+        "128 (LTX-2 video VAE, spatial 32, temporal 8)",
+        "AutoencoderKLLTX2Video (+ AutoencoderKLLTX2Audio and a vocoder for the audio stream)",
+        "model(hidden_states=packed (B,N,C), audio_hidden_states (B,L_a,C_a*mel), encoder_hidden_states, "
+        "audio_encoder_hidden_states (connector outputs), timestep=sigma*1000, sigma=sigma*1000, "
+        "encoder_attention_mask, audio_encoder_attention_mask, num_frames/height/width (latent sizes), fps, "
+        "audio_num_frames, video_coords, audio_coords) -> (video (B,N,C), audio); pipeline_ltx2.py L1415",
+    ),
 }
 
 
@@ -479,6 +610,20 @@ VIDEO_VAE_FACTS: dict[str, VideoVAEFacts] = {
         "z = x / vae.config.scaling_factor (0.476986; no shift, no per-channel stats); after channels-first",
         "pipeline_kandinsky.py L963",
     ),
+    "hunyuan_video15": VideoVAEFacts(
+        "AutoencoderKLHunyuanVideo15", 4, 16, 8,
+        "z = x / vae.config.scaling_factor (1.03682; no shift, no per-channel stats). Takes 1+4n frames only "
+        "(a ragged tail raises in HunyuanVideo15Downsample, it is not dropped); encode/decode of a batch > 1 "
+        "raise unless `vae.enable_slicing()` (mid-block attention mask, diffusers PR #13133)",
+        "pipeline_hunyuan_video1_5.py L825",
+    ),
+    "ltx2": VideoVAEFacts(
+        "AutoencoderKLLTX2Video", 8, 32, 8,
+        "z = x * vae.latents_std / vae.config.scaling_factor + vae.latents_mean (buffers; sf 1.0), as LTX-Video; "
+        "after unpacking; with `timestep_conditioning` the pipeline mixes in decode noise and passes the "
+        "decode timestep. Takes 1+8n frames only (a ragged tail raises)",
+        "pipeline_ltx2.py L697-704 (_denormalize_latents), L1633-1659",
+    ),
 }
 
 
@@ -491,6 +636,11 @@ def tiny_video_vae(family: str, seed: int = 0) -> nn.Module:
       (3, 1+8n, 8H, 8W) -> (8, 1+n, H, W); `latents_mean/std` buffers set non-trivial.
     - kandinsky5_video: AutoencoderKLHunyuanVideo, spatial 8, temporal 4, -> (4, 1+n, H, W),
       default scaling_factor 0.476986.
+    - hunyuan_video15: AutoencoderKLHunyuanVideo15, spatial 8 (real: 16), temporal 4, (3, 1+4n, 8H, 8W) ->
+      (4, 1+n, H, W), default scaling_factor 1.03682; 1+4n frames only; slicing enabled (batches > 1 fail
+      without it in diffusers 0.42.1).
+    - ltx2: AutoencoderKLLTX2Video, spatial 8 (real: 32 via its patch_size 4), temporal 8, (3, 1+8n, 8H, 8W) ->
+      (8, 1+n, H, W); `latents_mean/std` buffers set non-trivial; 1+8n frames only.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -517,6 +667,27 @@ def tiny_video_vae(family: str, seed: int = 0) -> nn.Module:
                 latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4,
                 mid_block_add_attention=False,
             )
+        if family == "hunyuan_video15":
+            vae = AutoencoderKLHunyuanVideo15(
+                latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                spatial_compression_ratio=8, temporal_compression_ratio=4,
+            )
+            # diffusers 0.42.1: its mid-block attention fails for a batch > 1 (the causal mask lacks
+            # `.unsqueeze(1)`; huggingface/diffusers PR #13133); one sample at a time works
+            vae.enable_slicing()
+            return vae
+        if family == "ltx2":
+            vae = AutoencoderKLLTX2Video(
+                latent_channels=8, block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 3,
+                layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 4, patch_size=1, patch_size_t=1,
+                upsample_residual=(False,) * 3, upsample_factor=(1,) * 3,
+                # the default down blocks are (spatial, temporal, spatiotemporal, spatiotemporal): 8x8 with patch 1;
+                # the class derives 16/16 from `spatio_temporal_scaling` alone, so say it
+                spatial_compression_ratio=8, temporal_compression_ratio=8,
+            )
+            vae.latents_mean.copy_(torch.linspace(-0.4, 0.4, 8))
+            vae.latents_std.copy_(torch.linspace(0.5, 2.0, 8))
+            return vae
     raise ValueError(f"unknown video family {family!r} (known: {', '.join(VIDEO_VAE_FACTS)})")
 
 
@@ -534,10 +705,10 @@ def denormalize_latents(vae: nn.Module, latents: Tensor) -> Tensor:
     if isinstance(vae, AutoencoderKLWan):  # WanPipeline, SanaVideoPipeline
         mean, std = _stats(vae, latents)
         return latents * std + mean
-    if isinstance(vae, AutoencoderKLLTXVideo):  # LTXPipeline._denormalize_latents
+    if isinstance(vae, (AutoencoderKLLTXVideo, AutoencoderKLLTX2Video)):  # LTX(2)Pipeline._denormalize_latents
         mean, std = _stats(vae, latents)
         return latents * std / vae.config.scaling_factor + mean
-    if isinstance(vae, AutoencoderKLHunyuanVideo):  # Kandinsky5T2VPipeline
+    if isinstance(vae, (AutoencoderKLHunyuanVideo, AutoencoderKLHunyuanVideo15)):  # Kandinsky5T2V, HunyuanVideo15
         return latents / vae.config.scaling_factor
     raise TypeError(f"no video de-normalisation known for {type(vae).__name__}")
 
@@ -547,10 +718,10 @@ def normalize_latents(vae: nn.Module, z: Tensor) -> Tensor:
     if isinstance(vae, AutoencoderKLWan):
         mean, std = _stats(vae, z)
         return (z - mean) / std
-    if isinstance(vae, AutoencoderKLLTXVideo):  # LTXPipeline._normalize_latents
+    if isinstance(vae, (AutoencoderKLLTXVideo, AutoencoderKLLTX2Video)):  # LTX(2)Pipeline._normalize_latents
         mean, std = _stats(vae, z)
         return (z - mean) * vae.config.scaling_factor / std
-    if isinstance(vae, AutoencoderKLHunyuanVideo):
+    if isinstance(vae, (AutoencoderKLHunyuanVideo, AutoencoderKLHunyuanVideo15)):
         return z * vae.config.scaling_factor
     raise TypeError(f"no video normalisation known for {type(vae).__name__}")
 
@@ -560,11 +731,13 @@ def vae_ratios(vae: nn.Module) -> tuple[int, int]:
 
     Wan/SanaVideo: `vae.config.scale_factor_temporal/_spatial` (config values, not derived from the
     blocks); LTX: the attributes `vae.temporal/spatial_compression_ratio` (derived from the blocks and
-    the patch size); HunyuanVideo (Kandinsky 5): `vae.config.temporal/spatial_compression_ratio`.
+    the patch size); HunyuanVideo (Kandinsky 5): `vae.config.temporal/spatial_compression_ratio`;
+    HunyuanVideo 1.5 and LTX-2: the attributes `vae.temporal/spatial_compression_ratio`
+    (pipeline_hunyuan_video1_5.py L218, pipeline_ltx2.py L271).
     """
     if isinstance(vae, AutoencoderKLWan):
         return int(vae.config.scale_factor_temporal), int(vae.config.scale_factor_spatial)
-    if isinstance(vae, AutoencoderKLLTXVideo):
+    if isinstance(vae, (AutoencoderKLLTXVideo, AutoencoderKLLTX2Video, AutoencoderKLHunyuanVideo15)):
         return int(vae.temporal_compression_ratio), int(vae.spatial_compression_ratio)
     if isinstance(vae, AutoencoderKLHunyuanVideo):
         return int(vae.config.temporal_compression_ratio), int(vae.config.spatial_compression_ratio)

@@ -138,9 +138,10 @@ def test_distance_in_pixel_frames_uses_the_vae_compression(repa_options):
     module = _WithVideoVAE("wan")
     data = _EncodedClips(module.vae, 9)
     repa = RepaCallback(family="wan", block_index=1, distance=4, distance_unit="pixel",
-                        **{**repa_options, "decoder": "vae"})
+                        **{**repa_options, "decoder": "vae", "drop_vae_encoder": True})
     trainer(1, [repa]).fit(module, torch.utils.data.DataLoader(data, batch_size=2))
     assert repa.objective.temporal_ratio == 4 and repa.objective.latent_distance() == 1
+    assert module.vae.encoder is None  # drop_vae_encoder freed the video VAE's encoder; decoding still works
     with pytest.raises(ValueError, match=r"teacher=backbone sees no pixel frames"):
         RepaCallback(family="wan", teacher="backbone", teacher_block_index=9, distance_unit="pixel")
 
@@ -186,3 +187,22 @@ def test_video_latents_are_denormalised_as_each_pipeline_does(family):
     want = denormalize_latents(vae, z)
     torch.testing.assert_close(to_raw_latents(z, "kl", vae), want)
     assert not torch.allclose(want, z)  # the transform is not the identity for any of them
+
+
+def test_demo_video_experiment_runs_at_a_tiny_size(tmp_path):
+    """`experiment=demo_video`: CREPA on the digit clips with a tiny Wan DiT towards the shipped teacher."""
+    from hydra import compose, initialize_config_module
+
+    from lightning_repa.train import run
+
+    overrides = ["experiment=demo_video", "trainer.max_steps=2", "repa.warmup_steps=1", "data.batch_size=4",
+                 "checkpoint.every_n_train_steps=2",
+                 "trainer.log_every_n_steps=1", "sample.per_class=1", "sample.steps=2", "logger=csv",
+                 f"paths.output_dir={tmp_path}"]
+    with initialize_config_module(version_base="1.3", config_module="lightning_repa.conf"):
+        cfg = compose(config_name="config", overrides=overrides)
+    assert cfg.repa.family == "wan" and cfg.repa.method.value == "crepa"
+    result = run(cfg)
+    assert result["global_step"] == 2 and result["samples"].is_file()
+    for key in ("repa/similarity", "repa/score", "repa/loss", "train/loss"):
+        assert key in result["metrics"], key

@@ -3,22 +3,18 @@ its sample strip, and the experiment's config (composed, not run)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_module
 from PIL import Image
 
-import lightning_repa
 import lightning_repa.hydra_config  # noqa: F401  (registers the schemas)
 from lightning_repa import RepaCallback
 from lightning_repa.demo.clips import DigitClipsDataModule, clip_directions, make_clips
 from lightning_repa.demo.data import load_digit_images
 from lightning_repa.demo.video import FlowMatchingVideo
 
-CONF = Path(lightning_repa.__file__).parent / "conf"
 T, H, W = 5, 16, 24  # the defaults of the data module and the model
 
 
@@ -176,7 +172,6 @@ def test_plain_background_preset_is_t2v_with_a_step_cutoff():
     assert RepaCallback.from_config(plain).config.cutoff_step == 2000
 
 
-@pytest.mark.skipif(not (CONF / "family" / "wan.yaml").exists(), reason="conf/family/wan.yaml not written yet")
 def test_demo_video_experiment_composes():
     from hydra.utils import get_class
 

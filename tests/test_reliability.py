@@ -305,3 +305,40 @@ def test_a_run_shorter_than_the_logging_interval_still_logs_its_final_values(tmp
     assert summary["repa/similarity"] == pytest.approx(float(t.callback_metrics["repa/similarity"]))
     rows = (Path(csv.log_dir) / "metrics.csv").read_text().splitlines()
     assert "repa/similarity" in rows[0] and len(rows) == 2 and rows[1].split(",")[rows[0].split(",").index("step")] == "2"
+
+
+class _Validates(TinyFlow):
+    def validation_step(self, batch, batch_idx):
+        x0 = batch["latents"]
+        pred = self.fam.forward(self.transformer, x0, torch.full((x0.shape[0],), 0.5), self.fam.make_cond(x0.shape[0]))
+        self.log("val/loss", (pred - x0).pow(2).mean())
+
+
+def test_cknna_on_a_held_out_batch_every_n_steps(repa_options):
+    """`cknna_every_n_steps`: the CKNNA of the pooled projected tokens vs the pooled teacher tokens of the
+    first validation batch, equal to the formula on the tokens the objective aligns."""
+    from lightning_repa.kernel_alignment import cknna
+
+    repa = RepaCallback(family="sd3", block_index=1, cknna_every_n_steps=2, **repa_options)
+    logged = []
+
+    class Read(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if "repa/cknna" in trainer.callback_metrics:
+                logged.append((trainer.global_step, float(trainer.callback_metrics["repa/cknna"])))
+
+    module = _Validates("sd3", lr=0.0)
+    trainer(4, [repa, Read()], val_check_interval=1, limit_val_batches=2, num_sanity_val_steps=0,
+            check_val_every_n_epoch=None).fit(module, loader("sd3", n=16, batch_size=8), loader("sd3", n=8, batch_size=8))
+    assert [s for s, _ in logged][:1] == [1] and len({v for _, v in logged}) >= 1
+    batch = next(iter(loader("sd3", n=8, batch_size=8)))
+    student = []
+    h = module.transformer.transformer_blocks[1].register_forward_hook(lambda m, a, o: student.append(o[1]))
+    with torch.no_grad():
+        x0 = batch["latents"]
+        module.fam.forward(module.transformer, x0, torch.full((8,), 0.5), module.fam.make_cond(8))
+        teacher, grid_t = repa.teacher(batch, batch["latents"], None)
+        p, f = repa.objective.align(student[0], (4, 8), teacher, grid_t, module.repa_projector)
+    h.remove()
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)
+    assert logged[-1][1] == pytest.approx(cknna(unit(p.mean(1)), unit(f.mean(1)), k=7), abs=1e-6)

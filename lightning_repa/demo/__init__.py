@@ -4,9 +4,11 @@ tiny ViT teacher, all real.
 Importing this package registers the teacher (``TEACHER_NAME``) with timm.
 """
 
+from lightning_repa.demo.clips import DigitClipsDataModule
 from lightning_repa.demo.data import DigitsDataModule, load_digit_images, split_indices
 from lightning_repa.demo.module import FlowMatchingDiT
 from lightning_repa.demo.unet import FlowMatchingUNet
+from lightning_repa.demo.video import FlowMatchingVideo
 from lightning_repa.demo.teacher import (
     TEACHER_MEAN,
     TEACHER_NAME,
@@ -18,9 +20,11 @@ from lightning_repa.demo.teacher import (
 )
 
 __all__ = [
+    "DigitClipsDataModule",
     "DigitsDataModule",
     "FlowMatchingDiT",
     "FlowMatchingUNet",
+    "FlowMatchingVideo",
     "TEACHER_MEAN",
     "TEACHER_NAME",
     "TEACHER_STD",

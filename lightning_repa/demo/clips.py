@@ -20,8 +20,9 @@ from lightning_repa.demo.data import load_digit_images, split_indices
 
 # Unit steps (dy, dx) in a fixed order; `clip_directions` keeps those the canvas has room for.
 _UNIT_STEPS = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1))
-# Seeds the id -> direction draw. A constant: the motion of a digit is part of the data set, not of
-# the run (sklearn's order cycles through the classes, so `id % k` would tie direction to label).
+# Digit i moves along the direction drawn with seed MOTION_SEED + i. A constant: the motion of a
+# digit is part of the data set, not of the run (and sklearn's order cycles through the classes, so
+# `id % k` would tie the direction to the label).
 MOTION_SEED = 0
 
 
@@ -55,17 +56,16 @@ def make_clips(
 ) -> torch.Tensor:
     """Digits (N, 1, S, S) in [0, 1] with ids (N,) -> clips (N, T, H, W) in [0, 1] on a black canvas.
 
-    Frame k of digit i shows it at offset start + k * speed * (dy, dx), the direction drawn per id
-    from ``clip_directions`` with ``MOTION_SEED``.
+    Frame k of digit i shows it at offset start + k * speed * (dy, dx), the path centred in the
+    canvas; (dy, dx) is one of ``clip_directions``, drawn with the seed ``MOTION_SEED + ids[i]``.
     """
     n, s = digits.shape[0], digits.shape[-1]
     dirs = _require_directions(height, width, s, num_frames, speed)
-    gen = torch.Generator().manual_seed(MOTION_SEED)
-    table = torch.randint(len(dirs), (int(ids.max()) + 1 if n else 0,), generator=gen)  # one per id
     travel = speed * (num_frames - 1)
     clips = digits.new_zeros(n, num_frames, height, width)
     for i in range(n):
-        dy, dx = dirs[int(table[ids[i]])]
+        gen = torch.Generator().manual_seed(MOTION_SEED + int(ids[i]))  # a function of the id alone
+        dy, dx = dirs[int(torch.randint(len(dirs), (), generator=gen))]
         y0, x0 = _start(height - s, travel, dy), _start(width - s, travel, dx)
         for k in range(num_frames):
             y, x = y0 + k * speed * dy, x0 + k * speed * dx

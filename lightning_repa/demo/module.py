@@ -25,9 +25,16 @@ TIME_SAMPLERS = ("logit_normal", "uniform")
 
 
 class FlowMatching(L.LightningModule):
-    """Class-conditional rectified flow on (B, 1, S, S) images, whatever the network: subclasses
-    define ``forward(x_t, t, labels)`` and save the hyperparameters ``image_size``,
-    ``time_sampling``, ``cfg_dropout``, ``lr``, ``weight_decay``, ``warmup_steps`` and ``min_lr_ratio``."""
+    """Class-conditional rectified flow on (B, 1, *sample_shape) data (images (B, 1, S, S), clips
+    (B, 1, T, H, W)), whatever the network: subclasses define ``forward(x_t, t, labels)`` and
+    save the hyperparameters ``time_sampling``, ``cfg_dropout``, ``lr``, ``weight_decay``,
+    ``warmup_steps`` and ``min_lr_ratio``; ``sample_shape`` is (S, S) from ``image_size`` unless
+    overridden."""
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Spatial (and temporal) size of one sample, after its channel."""
+        return (self.hparams.image_size, self.hparams.image_size)
 
     @staticmethod
     def check_training_args(time_sampling: str, cfg_dropout: float) -> None:
@@ -42,11 +49,11 @@ class FlowMatching(L.LightningModule):
         return torch.rand(n, device=self.device, generator=generator)
 
     def _loss(self, batch: Dict[str, torch.Tensor], generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        x0, labels = batch["latents"], batch["labels"]  # (B, 1, S, S) in [-1, 1], (B,)
+        x0, labels = batch["latents"], batch["labels"]  # (B, 1, *sample_shape) in [-1, 1], (B,)
         b = x0.shape[0]
         t = self._sample_t(b, generator)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        tb = t.view(b, 1, 1, 1).to(x0.dtype)
+        tb = t.view(b, *[1] * (x0.dim() - 1)).to(x0.dtype)
         x_t = (1.0 - tb) * x0 + tb * eps
         return F.mse_loss(self(x_t, t, labels), eps - x0)
 
@@ -97,16 +104,16 @@ class FlowMatching(L.LightningModule):
     ) -> torch.Tensor:
         """Euler ODE from noise (t=1) to data (t=0) with classifier-free guidance.
 
-        Returns images (N, 1, S, S) in [0, 1]. ``guidance=1`` is the plain conditional model.
+        Returns samples (N, 1, *sample_shape) in [0, 1]. ``guidance=1`` is the plain conditional model.
         """
         if steps < 1:
             raise ValueError(f"`steps` must be >= 1, got {steps}")
         was_training = self.training
         self.eval()
         labels = torch.as_tensor(labels, dtype=torch.long, device=self.device).flatten()
-        n, s = labels.shape[0], self.hparams.image_size
+        n = labels.shape[0]
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        x = torch.randn(n, 1, s, s, device=self.device, generator=gen)
+        x = torch.randn(n, 1, *self.sample_shape, device=self.device, generator=gen)
         both = torch.cat([labels, torch.full_like(labels, NULL_CLASS)])
         ts = torch.linspace(1.0, 0.0, steps + 1, device=self.device)
         for i in range(steps):

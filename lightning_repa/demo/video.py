@@ -11,11 +11,10 @@ optimizer, learning-rate schedule and the guided Euler sampler.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Union
+from typing import Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from PIL import Image
 from torch import nn
@@ -40,10 +39,13 @@ class FlowMatchingVideo(FlowMatching):
         height: frame height H (even: patch 2).
         width: frame width W (even: patch 2).
         num_layers: Wan blocks (``transformer.blocks``, 0-based indices 0..num_layers-1). Wan's
-            default CREPA block 8 needs ``num_layers >= 9``, so the demo sets ``block_index``
-            itself (about a third of the depth).
+            default CREPA block 8 needs ``num_layers >= 9``, so model/demo_wan.yaml sets
+            ``block_index`` itself (1: the output of the second of 4 blocks).
         num_heads: attention heads; the width is ``num_heads * head_dim``.
-        head_dim: channels per head (Wan's 3-D RoPE splits them between time, rows and columns).
+        head_dim: channels per head. Wan has no absolute position embedding, only a 3-D RoPE that
+            gives rows and columns ``2 * (head_dim // 6)`` channels each: 32 gives them 5
+            frequencies, 16 only 2 (400 steps, same seed: validation loss 0.160 with 2 heads of 32,
+            0.212 with 4 of 16).
         ffn_dim: hidden width of each block's feed-forward.
         freq_dim: width of the sinusoidal timestep embedding.
         lr: AdamW peak learning rate.
@@ -68,8 +70,8 @@ class FlowMatchingVideo(FlowMatching):
         height: int = 16,
         width: int = 24,
         num_layers: int = 4,
-        num_heads: int = 4,
-        head_dim: int = 16,
+        num_heads: int = 2,
+        head_dim: int = 32,
         ffn_dim: int = 128,
         freq_dim: int = 64,
         lr: float = 3e-3,
@@ -119,45 +121,10 @@ class FlowMatchingVideo(FlowMatching):
             return_dict=False,
         )[0]  # (B, 1, T, H, W)
 
-    # -- what FlowMatching assumes to be (B, 1, S, S) ---------------------------------------------
-
-    def _loss(self, batch: Dict[str, torch.Tensor], generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        x0, labels = batch["latents"], batch["labels"]  # (B, 1, T, H, W) in [-1, 1], (B,)
-        b = x0.shape[0]
-        t = self._sample_t(b, generator)
-        eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        tb = t.view(b, 1, 1, 1, 1).to(x0.dtype)
-        x_t = (1.0 - tb) * x0 + tb * eps
-        return F.mse_loss(self(x_t, t, labels), eps - x0)
-
-    @torch.no_grad()
-    def sample(
-        self,
-        labels: Union[torch.Tensor, Sequence[int]],
-        steps: int = 20,
-        guidance: float = 2.0,
-        seed: int = 0,
-    ) -> torch.Tensor:
-        """Euler ODE from noise (t=1) to data (t=0) with classifier-free guidance, as
-        :meth:`FlowMatching.sample`. Returns clips (N, 1, T, H, W) in [0, 1]."""
-        if steps < 1:
-            raise ValueError(f"`steps` must be >= 1, got {steps}")
-        was_training = self.training
-        self.eval()
-        hp = self.hparams
-        labels = torch.as_tensor(labels, dtype=torch.long, device=self.device).flatten()
-        n = labels.shape[0]
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        x = torch.randn(n, 1, hp.num_frames, hp.height, hp.width, device=self.device, generator=gen)
-        both = torch.cat([labels, torch.full_like(labels, NULL_CLASS)])
-        ts = torch.linspace(1.0, 0.0, steps + 1, device=self.device)
-        for i in range(steps):
-            t = ts[i].expand(2 * n)
-            v_cond, v_uncond = self(torch.cat([x, x]), t, both).chunk(2)
-            v = v_uncond + guidance * (v_cond - v_uncond)
-            x = x + (ts[i + 1] - ts[i]) * v  # dt < 0: towards the data
-        self.train(was_training)
-        return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(T, H, W) of one clip."""
+        return (self.hparams.num_frames, self.hparams.height, self.hparams.width)
 
     def save_sample_grid(
         self,

@@ -1,0 +1,115 @@
+"""Attaching to the user's LightningModule: finding the denoiser, the projector, and the checks
+that the projector trains. No Lightning import: everything here works on modules, optimizers
+and the batch."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from lightning_repa.config import Decoder, RepaConfig
+from lightning_repa.families import Family
+from lightning_repa.projectors import build_projector
+from lightning_repa.surgery import DENOISER_ATTRS, find_denoiser
+
+
+def require_denoiser(module: nn.Module, family: Family, path: Optional[str]) -> nn.Module:
+    """The denoiser at `path` (or the first of `DENOISER_ATTRS`), unwrapped from torch.compile, PEFT
+    and DDP/FSDP wrappers, of the family's class; errors name where it was looked for and the fix."""
+    denoiser, found_at = find_denoiser(module, path)
+    if denoiser is None:
+        where = f"`{path}`" if path else ", ".join(f"`{a}`" for a in DENOISER_ATTRS)
+        raise ValueError(
+            f"RepaCallback found no denoiser on {type(module).__name__} (looked at {where}); "
+            "set `denoiser` to the dotted path of your transformer, e.g. denoiser='model.net'"
+        )
+    try:
+        family.check_class(denoiser)
+    except ValueError as error:
+        how = "the `denoiser` option" if path else f"the default search ({', '.join(DENOISER_ATTRS)}, the first found)"
+        raise ValueError(
+            f"{error}. The module was found at `{found_at}` by {how}; set `denoiser` to the dotted path of the "
+            f"{'/'.join(family.classes)} inside your LightningModule (e.g. denoiser='model.transformer')"
+        ) from None
+    return denoiser
+
+
+def attach_projector(module: nn.Module, attr: str, cfg: RepaConfig, hidden: int, out_dim: int,
+                     device: torch.device, teacher_name: str) -> bool:
+    """Put a new projector (hidden -> out_dim) at `module.<attr>`, or keep the one a previous fit or a
+    checkpoint left there if its dimensions fit; True when a new one was attached."""
+    existing = getattr(module, attr, None)
+    if existing is None:
+        projector = build_projector(cfg.projector, hidden, out_dim, cfg.projector_hidden, cfg.irepa_kernel_size)
+        setattr(module, attr, projector.to(device))
+        return True
+    dims = (getattr(existing, "in_dim", None), getattr(existing, "out_dim", None))
+    if dims != (hidden, out_dim):
+        raise ValueError(
+            f"`{attr}` on the module (kept from an earlier fit or a checkpoint) maps {dims[0]} -> {dims[1]}, but this "
+            f"fit needs {hidden} -> {out_dim} (the denoiser's width {hidden}, the teacher {teacher_name!r} dimension "
+            f"{out_dim}); delete `{attr}` to start a new projector, or align to the teacher it was trained with"
+        )
+    return False
+
+
+def frozen_message(attr: str, what: str) -> str:
+    return (
+        f"the REPA projector (`{attr}`) {what}: it is frozen, so the alignment would pull the model towards a "
+        f"fixed random projection. Something froze the whole module after the callback attached it (e.g. "
+        f"`self.requires_grad_(False)` before adding LoRA adapters, or PEFT's get_peft_model on the module): "
+        f"freeze only the denoiser (`self.transformer.requires_grad_(False)`), or call "
+        f"`self.{attr}.requires_grad_(True)` after freezing, before the optimizer is built"
+    )
+
+
+def check_projector_trains(projector: nn.Module, attr: str, optimizers: Iterable[torch.optim.Optimizer]) -> None:
+    """The projector must be trainable and in an optimizer (two causes, two messages)."""
+    frozen = [n for n, p in projector.named_parameters() if not p.requires_grad]
+    if frozen:
+        raise ValueError(frozen_message(attr, f"has requires_grad=False ({', '.join(frozen)})"))
+    optimised = {id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]}
+    if not all(id(p) in optimised for p in projector.parameters()):
+        raise ValueError(
+            f"the REPA projector (`{attr}`) is not in any optimizer: build the optimizer from "
+            "`self.parameters()` in configure_optimizers (the callback attaches it in setup, before)"
+        )
+
+
+def batch_latents(batch: Any, cfg: RepaConfig) -> Tensor:
+    """The clean training latents of a batch; errors name the option that sets the key."""
+    key = cfg.latents_key
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"RepaCallback reads the clean latents from batch[{key!r}], but the batch is a {type(batch).__name__}; "
+            "return a dict from your dataset/collate_fn"
+        )
+    if key not in batch:
+        raise KeyError(
+            f"batch has no {key!r} (keys: {sorted(batch)}); set `latents_key` to the key of the clean "
+            "training-space latents"
+        )
+    if cfg.decoder is Decoder.pixels and cfg.pixels_key not in batch:
+        raise KeyError(
+            f"decoder=pixels reads batch[{cfg.pixels_key!r}], which is missing (keys: {sorted(batch)}); "
+            "set `pixels_key` or use decoder=vae/tae"
+        )
+    return batch[key]
+
+
+def log_prefixes(callbacks: list[tuple[Optional[str], str]]) -> list[str]:
+    """Log prefixes of REPA callbacks given as (name option, teacher name): `repa` for a single
+    unnamed one; else `repa/<name>`, the name defaulting to the teacher, numbered where two are alike."""
+    if len(callbacks) == 1 and callbacks[0][0] is None:
+        return ["repa"]
+    names = [name or teacher for name, teacher in callbacks]
+    seen: dict[str, int] = {}
+    prefixes = []
+    for name in names:
+        if names.count(name) > 1:
+            seen[name] = seen.get(name, 0) + 1
+            name = f"{name}_{seen[name] - 1}"
+        prefixes.append(f"repa/{name}")
+    return prefixes
