@@ -89,8 +89,9 @@ class RepaConfig:
     family: Any = "flux"
     """Model family (`lightning_repa.families.FAMILIES`). It fixes the block lists, token layout,
     grid and method. DiTs (method repa): flux, flux2, sd3, chroma, sana, pixart, hidream,
-    auraflow, lumina2. UNets (method urepa, the mid block): sdxl, sd15, kolors. Video DiTs
-    (method crepa, tokens per frame): wan, ltxvideo, sanavideo, kandinsky5_video. Or a family
+    auraflow, lumina2, dit, flux3, qwenimage, z_image. UNets (method urepa, the mid block): sdxl,
+    sd15, kolors. Video DiTs (method crepa, tokens per frame): wan, ltxvideo, sanavideo,
+    kandinsky5_video, hunyuan_video15, ltx2. Or a family
     declared as data for a class the package does not ship: a `Family`, or a dict / Hydra node
     with its block lists and token layout (`lightning_repa.families.family_from_dict`)."""
     method: Optional[Method] = None

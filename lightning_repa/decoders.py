@@ -87,7 +87,13 @@ def flux2_from_raw(raw: Tensor, vae: Any) -> Tensor:
     return (z - mean) / std
 
 
-LATENT_FORMATS: dict[str, LatentTransform] = {"kl": _kl_to_raw, "flux2": _flux2_to_raw}
+def _qwenimage_to_raw(z: Tensor, vae: Any) -> Tensor:
+    """Qwen-Image (pipeline_qwenimage.py): per-channel `z * std + mean`, on the video VAE's one-frame
+    layout (B, C, 1, h, w); the decoded (B, 1, 3, H, W) frame is taken back as an image."""
+    return _kl_to_raw(z, vae).unsqueeze(2)
+
+
+LATENT_FORMATS: dict[str, LatentTransform] = {"kl": _kl_to_raw, "flux2": _flux2_to_raw, "qwenimage": _qwenimage_to_raw}
 
 
 def to_raw_latents(z: Tensor, latent_format: str, vae: Any) -> Tensor:
@@ -127,7 +133,8 @@ class LatentDecoder(nn.Module):
             return _decode(self.tae, _autoencoder_tiny_input(latents, self.tae))
         raw = to_raw_latents(latents, self.latent_format, self.vae)
         if self.kind is Decoder.vae:
-            return _decode(self.vae, raw)
+            images = _decode(self.vae, raw)  # (B, 3, H, W), or frames (B, F, 3, H, W)
+            return images[:, 0] if latents.dim() == 4 and images.dim() == 5 else images  # one-frame VAE
         return unit_clamp(self.tae(raw.float()).float())  # TAEF2: raw latents -> [0, 1]
 
 

@@ -16,42 +16,20 @@ import torch
 from torch import Tensor, nn
 
 from lightning_repa.config import Method
+from lightning_repa.selectors import (
+    SELECTORS,
+    TokenSelector,
+    _after_caption,
+    _after_text,
+    _all,
+    _first,
+    _last,
+    _no_fractal,
+    _z_image_layers,
+)
 
 Grid = tuple[int, int]
 Grid3 = tuple[int, int, int]
-# (block output, number of image tokens, the denoiser call's arguments) -> (B, N, D)
-TokenSelector = Callable[[Tensor, int, dict[str, Any]], Tensor]
-
-
-def _all(x: Tensor, n: int, call: dict[str, Any]) -> Tensor:
-    return x
-
-
-def _first(x: Tensor, n: int, call: dict[str, Any]) -> Tensor:
-    return x[:, :n]  # image tokens first, then text (and padding)
-
-
-def _last(x: Tensor, n: int, call: dict[str, Any]) -> Tensor:
-    return x[:, -n:]  # text (and register) tokens first, image tokens last
-
-
-def _after_text(x: Tensor, n: int, call: dict[str, Any]) -> Tensor:
-    """[text L, image N, reference-image tokens (edit pipelines append them)...]."""
-    text = call.get("encoder_hidden_states")
-    if text is None:
-        raise ValueError("the denoiser was called without `encoder_hidden_states`; the image offset is unknown")
-    return x[:, text.shape[1] : text.shape[1] + n]
-
-
-def _after_caption(x: Tensor, n: int, call: dict[str, Any]) -> Tensor:
-    """Lumina2's joint blocks: per sample [caption (mask.sum()), image, padding]."""
-    mask = call.get("encoder_attention_mask")
-    if mask is None:
-        raise ValueError("lumina2: the denoiser was called without `encoder_attention_mask`; the image offset is unknown")
-    offsets = mask.bool().sum(dim=1).tolist()  # caption length per sample
-    return torch.stack([x[b, o : o + n] for b, o in enumerate(offsets)])  # (B, N, D)
-
-
 @dataclass(frozen=True)
 class BlockList:
     """Blocks at one attribute of the denoiser and how to read the image stream from their outputs.
@@ -70,10 +48,12 @@ class BlockList:
         return x.flatten(2).transpose(1, 2) if self.feature_map else x  # (B, H*W, C) from (B, C, H, W)
 
     def modules(self, model: nn.Module, family: str) -> list[nn.Module]:
-        found = getattr(model, self.attr, None)
+        found: Any = model
+        for part in self.attr.split("."):  # a dotted path: "mode_blocks.image" (a ModuleList in a ModuleDict)
+            found = getattr(found, part, None)
         if isinstance(found, nn.ModuleList):
             return list(found)
-        if isinstance(found, nn.Module):
+        if isinstance(found, nn.Module) and not isinstance(found, nn.ModuleDict):
             return [found]
         if found is None and hasattr(model, self.attr):
             raise ValueError(
@@ -117,17 +97,17 @@ def _video_stride(model: nn.Module) -> Grid3:
     return int(getattr(model.config, "patch_size_t", 1) or 1), int(patch), int(patch)
 
 
-def _no_fractal(x: Tensor, n: int, call: dict[str, Any]) -> Tensor:
-    """Kandinsky 5's visual tokens in (T, H, W) order; its sparse ("nabla") attention reorders them
-    in 8x8 tiles (`sparse_params["to_fractal"]`), which CREPA refuses rather than misreads."""
-    sparse = call.get("sparse_params") or {}
-    if sparse.get("to_fractal"):
-        raise ValueError(
-            "kandinsky5_video: the denoiser was called with sparse_params['to_fractal'] (nabla attention), which "
-            "orders the visual tokens in 8x8 tiles; CREPA needs the (T, H, W) order: train with the regular "
-            "attention (sparse_params=None)"
-        )
-    return x
+def _config_dim(model: nn.Module) -> int:
+    """Z-Image's width is `config.dim`."""
+    return int(model.config.dim)
+
+
+def _z_image_stride(model: nn.Module) -> Grid:
+    """Z-Image patchifies with `patch_size` from `config.all_patch_size` (2 by default)."""
+    sizes = tuple(model.config.all_patch_size)
+    if len(sizes) != 1:
+        raise ValueError(f"z_image: the model has several patch sizes {sizes}; the token grid depends on the call")
+    return int(sizes[0]), int(sizes[0])
 
 
 def _unet_width(model: nn.Module) -> int:
@@ -232,6 +212,18 @@ FAMILIES: dict[str, Family] = {
         Family("lumina2", _DIT, ("Lumina2Transformer2DModel",), (BlockList("layers", None, _after_caption),), 8),
         Family("sana", _DIT, ("SanaTransformer2DModel",), (BlockList("transformer_blocks"),), 10),
         Family("pixart", _DIT, ("PixArtTransformer2DModel",), (BlockList("transformer_blocks"),), 10),
+        # The REPA paper's own DiT (square latents only: its output step reshapes as a square).
+        Family("dit", _DIT, ("DiTTransformer2DModel",), (BlockList("transformer_blocks"),), 7),
+        # FLUX.3: text-only mode blocks run apart; the image mode blocks, then the single blocks'
+        # content stream [N image, reference tokens].
+        Family("flux3", _DIT, ("Flux3Transformer2DModel",),
+               (BlockList("mode_blocks.image"), BlockList("single_transformer_blocks", 1, _first)), 8,
+               latent_format="flux2"),
+        # Qwen-Image: (text, image) blocks; edit pipelines append reference tokens after the image.
+        Family("qwenimage", _DIT, ("QwenImageTransformer2DModel",), (BlockList("transformer_blocks", 1, _first),), 8,
+               latent_format="qwenimage"),
+        Family("z_image", _DIT, ("ZImageTransformer2DModel",), (BlockList("layers", None, _z_image_layers),), 8,
+               width=_config_dim, stride=_z_image_stride),
         # U-REPA: the UNet's mid block, (B, C, H, W) at latent / 2**downsamples (SDXL 128 -> 32, SD 1.5 64 -> 8).
         *(Family(name, Method.urepa, ("UNet2DConditionModel",), (BlockList("mid_block", feature_map=True),), 0,
                  width=_unet_width, stride=_unet_stride) for name in ("sdxl", "sd15", "kolors")),
@@ -244,19 +236,20 @@ FAMILIES: dict[str, Family] = {
                stride=_video_stride, video=True),
         Family("kandinsky5_video", Method.crepa, ("Kandinsky5Transformer3DModel",),
                (BlockList("visual_transformer_blocks", select=_no_fractal),), 8, stride=_video_stride, video=True),
+        Family("hunyuan_video15", Method.crepa, ("HunyuanVideo15Transformer3DModel",),
+               (BlockList("transformer_blocks", 0),), 8, stride=_video_stride, video=True),
+        # LTX-2: (video, audio) blocks; the video stream holds N noisy tokens, then IC-LoRA/keyframe tokens.
+        Family("ltx2", Method.crepa, ("LTX2VideoTransformer3DModel",),
+               (BlockList("transformer_blocks", 0, _first),), 8, stride=_video_stride, video=True),
     )
 }
 
 
-SELECTORS: dict[str, TokenSelector] = {
-    "all": _all, "first": _first, "last": _last, "after_text": _after_text, "after_caption": _after_caption,
-    "no_fractal": _no_fractal,
-}
-"""Where the image tokens sit in a block's stream, by the name a declared family uses (`select:`)."""
-WIDTHS: dict[str, Callable[[nn.Module], int]] = {"transformer": _transformer_width, "unet": _unet_width}
+WIDTHS: dict[str, Callable[[nn.Module], int]] = {"transformer": _transformer_width, "unet": _unet_width,
+                                                 "config_dim": _config_dim}
 """How the captured stream's width is read from the model, by name (`width:`)."""
 STRIDES: dict[str, Callable[[nn.Module], tuple[int, ...]]] = {
-    "patch": _patch_stride, "unet": _unet_stride, "video": _video_stride}
+    "patch": _patch_stride, "unet": _unet_stride, "video": _video_stride, "z_image": _z_image_stride}
 """How latent positions per token are read from the model, by name (`stride:`)."""
 
 _SPEC_KEYS = {"name", "method", "classes", "blocks", "default_block_index", "pack", "latent_format", "width",

@@ -91,8 +91,26 @@ FLUX3_IMAGE_ROPE_SCALE = 0.5  # Flux3PrepareLatentsStep(image_rope_scale=0.5): i
 FLUX3_REFERENCE_GRID = (2, 3)  # the tiny flux3's reference image: a 2x3 token grid (an edit / image-to-image call)
 
 
+class TinyBuilder:
+    """What the tiny image and video families share: building the model and its conditioning.
+    Subclasses are dataclasses with `model_class`, `config`, `cond_fn` and `post_init`."""
+
+    def build(self, seed: int = 0) -> nn.Module:
+        """The diffusers model with random weights from `seed`; the global RNG is untouched."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = self.model_class(**self.config)
+            if self.post_init is not None:
+                self.post_init(model)
+            return model
+
+    def make_cond(self, batch_size: int, seed: int = 0) -> Cond:
+        """Random but deterministic conditioning (text embeddings, ids, masks, pooled embeddings)."""
+        return self.cond_fn(batch_size, torch.Generator().manual_seed(seed))
+
+
 @dataclass(frozen=True)
-class TinyFamily:
+class TinyFamily(TinyBuilder):
     """A tiny config of one diffusers DiT or UNet class and how to run it on spatial latents."""
 
     name: str
@@ -107,19 +125,6 @@ class TinyFamily:
     downsample: int = 1
     # adjusts the built model (DiT: no label dropout inside the model, see `_no_label_dropout`)
     post_init: Callable[[nn.Module], None] | None = field(default=None, repr=False)
-
-    def build(self, seed: int = 0) -> nn.Module:
-        """The diffusers model with random weights from `seed`; the global RNG is untouched."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = self.model_class(**self.config)
-            if self.post_init is not None:
-                self.post_init(model)
-            return model
-
-    def make_cond(self, batch_size: int, seed: int = 0) -> Cond:
-        """Random but deterministic conditioning (text embeddings, ids, masks)."""
-        return self.cond_fn(batch_size, torch.Generator().manual_seed(seed))
 
     def forward(self, model: nn.Module, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """Prediction for noisy latents x_t (B, C, h, w) at noise levels t (B,) in [0, 1]."""

@@ -142,6 +142,8 @@ from diffusers import (
 )
 from torch import Tensor, nn
 
+from lightning_repa.tiny_models import TinyBuilder
+
 Cond = dict[str, Tensor]
 Grid3 = tuple[int, int, int]
 
@@ -157,7 +159,7 @@ LTX2_AUDIO_TOKENS = 4  # audio latent frames of the tiny LTX-2 call (the audio s
 
 
 @dataclass(frozen=True)
-class TinyVideoFamily:
+class TinyVideoFamily(TinyBuilder):
     """A tiny config of one diffusers video DiT and how to run it on spatial video latents."""
 
     name: str
@@ -170,19 +172,6 @@ class TinyVideoFamily:
     # re-randomises weights the class initialises to zero (Kandinsky 5's adaLN modulation), so
     # that the tiny blocks are not identities and every parameter gets a gradient
     post_init: Callable[[nn.Module], None] | None = field(default=None, repr=False)
-
-    def build(self, seed: int = 0) -> nn.Module:
-        """The diffusers model with random weights from `seed`; the global RNG is untouched."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = self.model_class(**self.config)
-            if self.post_init is not None:
-                self.post_init(model)
-            return model
-
-    def make_cond(self, batch_size: int, seed: int = 0) -> Cond:
-        """Random but deterministic conditioning (text embeddings, masks, pooled embeddings)."""
-        return self.cond_fn(batch_size, torch.Generator().manual_seed(seed))
 
     def forward(self, model: nn.Module, x_t: Tensor, t: Tensor, cond: Cond) -> Tensor:
         """Prediction (B, C, T, h, w) for noisy latents x_t (B, C, T, h, w) at noise levels t (B,) in [0, 1]."""

@@ -1,9 +1,8 @@
-"""Six more families on the real diffusers 0.42.1 classes at tiny sizes, before they join
-`lightning_repa.families`: dit, flux3, qwenimage, z_image (REPA, images) and hunyuan_video15, ltx2
+"""Six more families on the real diffusers 0.42.1 classes at tiny sizes, in `lightning_repa.families`: dit, flux3, qwenimage, z_image (REPA, images) and hunyuan_video15, ltx2
 (CREPA, video).
 
-`PROPOSED` holds the family entries as they would be pasted into families.py, with the selectors,
-width and stride functions they need (defined here for now). `REFERENCE` slices every block list's
+`PROPOSED` holds the shipped family entries of lightning_repa/families.py (selectors in
+lightning_repa/selectors.py). `REFERENCE` slices every block list's
 output independently, written from the diffusers source: by the reference/caption/text lengths read
 from the denoiser call, where the selectors count the image tokens of the latent grid. Every block
 is captured by `BlockCapture` with the proposed entry and compared to a plain forward hook on the
@@ -14,7 +13,7 @@ the pipelines themselves are dummy objects and cannot run):
 - DiTTransformer2DModel unpatchifies its output as a square: the blocks take a non-square grid, the
   model's forward then fails.
 - flux3's image blocks sit in a ModuleDict (`mode_blocks["image"]`): the entry names them by a dotted
-  path, which `BlockList.modules` must resolve (`_DottedBlockList` here is the proposed change).
+  path, which `BlockList.modules` resolves.
 - Parameters the class leaves without gradient in a (video-)only loss: the last dual-stream block's
   text branch (qwenimage, hunyuan_video15), LTX-2's audio head and last audio updates, flux3's
   `image_cond` modules in text-to-image calls; HunyuanVideo 1.5's image embedder gets zero gradient in
@@ -35,9 +34,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_repa.capture import BlockCapture
-from lightning_repa.config import Method
 from lightning_repa.decoders import to_raw_latents
-from lightning_repa.families import BlockList, Family, _first, _video_stride, call_arguments
+from lightning_repa.families import FAMILIES, Family, call_arguments
+from lightning_repa.selectors import Z_IMAGE_SEQ_MULTIPLE, _z_image_layers, _z_image_refiner
 from lightning_repa.tiny_models import FLUX3_REFERENCE_GRID, TEXT_LEN, TINY_FAMILIES, pack2x2
 from lightning_repa.tiny_video_models import (
     TINY_VIDEO_FAMILIES,
@@ -56,104 +55,8 @@ from lightning_repa.tiny_video_models import (
 # ==================================================================================================
 
 
-@dataclasses.dataclass(frozen=True)
-class _DottedBlockList(BlockList):
-    """BlockList whose `attr` may be a dotted path: the proposed body of `BlockList.modules`."""
-
-    def modules(self, model: nn.Module, family: str) -> list[nn.Module]:
-        found: Any = model
-        for part in self.attr.split("."):  # "mode_blocks.image": a ModuleList inside a ModuleDict (flux3)
-            found = getattr(found, part, None)
-        if isinstance(found, nn.ModuleList):
-            return list(found)
-        if isinstance(found, nn.Module) and not isinstance(found, nn.ModuleDict):
-            return [found]
-        raise ValueError(f"family={family!r}: {type(model).__name__} has no block list `{self.attr}`")
-
-
-Z_IMAGE_SEQ_MULTIPLE = 32  # diffusers transformer_z_image.SEQ_MULTI_OF: every segment is padded to a multiple
-
-
-def _z_image_padded(n: int) -> int:
-    return n + (-n) % Z_IMAGE_SEQ_MULTIPLE
-
-
-def _z_image_target_offsets(call: dict[str, Any], captions: bool) -> list[int] | None:
-    """Per-sample offset of the noisy image in Z-Image's streams; None in the basic mode (image first).
-
-    Omni mode (`x` a list of per-sample image lists, the noisy target last; ZImageOmniPipeline) lays a
-    sample out as [caption_1, ..., caption_k, image_1, ..., image_k (target last), siglip...] in the main
-    layers and [image_1, ..., image_k] in the noise refiner, each segment padded to a multiple of 32
-    (`patchify_and_embed_omni`, `_build_unified_sequence`); a missing image (None) is 32 pad tokens.
-    """
-    x = call.get("x")
-    if x is None:
-        raise ValueError("z_image: the denoiser was called without `x`; the image offset is unknown")
-    if not isinstance(x[0], (list, tuple)):
-        return None  # basic mode: [image, image padding, caption, caption padding]
-    p, pf = call.get("patch_size", 2), call.get("f_patch_size", 1)
-    offsets = []
-    for i, images in enumerate(x):
-        offset = sum(Z_IMAGE_SEQ_MULTIPLE if im is None else _z_image_padded(
-            (im.shape[1] // pf) * (im.shape[2] // p) * (im.shape[3] // p)) for im in images[:-1])
-        if captions:
-            offset += sum(_z_image_padded(len(c)) for c in call["cap_feats"][i])
-        offsets.append(offset)
-    return offsets
-
-
-def _z_image_layers(x: Tensor, n: int, call: dict[str, Any]) -> Tensor:
-    """Z-Image's main layers: [image, padding, caption] (basic), or per sample after the captions and
-    the condition images (omni)."""
-    offsets = _z_image_target_offsets(call, captions=True)
-    if offsets is None:
-        return x[:, :n]
-    return torch.stack([x[b, o: o + n] for b, o in enumerate(offsets)])  # (B, N, D)
-
-
-def _z_image_refiner(x: Tensor, n: int, call: dict[str, Any]) -> Tensor:
-    """Z-Image's noise refiner (image stream only): [image, padding], or after the condition images (omni)."""
-    offsets = _z_image_target_offsets(call, captions=False)
-    if offsets is None:
-        return x[:, :n]
-    return torch.stack([x[b, o: o + n] for b, o in enumerate(offsets)])
-
-
-def _config_dim(model: nn.Module) -> int:
-    """Z-Image's width is `config.dim` (no hidden_size/inner_dim/num_attention_heads)."""
-    return int(model.config.dim)
-
-
-def _z_image_stride(model: nn.Module) -> tuple[int, int]:
-    """Z-Image patchifies with `patch_size` from `config.all_patch_size` (the call picks one; 2 by default)."""
-    sizes = tuple(model.config.all_patch_size)
-    if len(sizes) != 1:
-        raise ValueError(f"z_image: the model has several patch sizes {sizes}; the token grid depends on the call")
-    return sizes[0], sizes[0]
-
-
-_DIT = Method.repa
-PROPOSED: dict[str, Family] = {
-    f.name: f
-    for f in (
-        # REPA's depth 8 (output of the 8th of the 28 DiT-XL/2 blocks) is index 7
-        Family("dit", _DIT, ("DiTTransformer2DModel",), (_DottedBlockList("transformer_blocks"),), 7),
-        # image-only mode blocks, then [image, reference images] joint blocks (text is element 0)
-        Family("flux3", _DIT, ("Flux3Transformer2DModel",),
-               (_DottedBlockList("mode_blocks.image"), _DottedBlockList("single_transformer_blocks", 1, _first)), 8,
-               latent_format="flux2"),
-        # (text, image) per block; edit pipelines append the reference image tokens to the image stream
-        Family("qwenimage", _DIT, ("QwenImageTransformer2DModel",),
-               (_DottedBlockList("transformer_blocks", 1, _first),), 8, latent_format="qwenimage"),
-        Family("z_image", _DIT, ("ZImageTransformer2DModel",), (_DottedBlockList("layers", None, _z_image_layers),), 8,
-               width=_config_dim, stride=_z_image_stride),
-        Family("hunyuan_video15", Method.crepa, ("HunyuanVideo15Transformer3DModel",),
-               (_DottedBlockList("transformer_blocks", 0),), 8, stride=_video_stride, video=True),
-        # IC-LoRA / condition pipelines append reference and keyframe tokens after the noisy video tokens
-        Family("ltx2", Method.crepa, ("LTX2VideoTransformer3DModel",),
-               (_DottedBlockList("transformer_blocks", 0, _first),), 8, stride=_video_stride, video=True),
-    )
-}
+PROPOSED: dict[str, Family] = {name: FAMILIES[name] for name in
+                               ("dit", "flux3", "qwenimage", "z_image", "hunyuan_video15", "ltx2")}  # shipped entries
 IMAGE = ("dit", "flux3", "qwenimage", "z_image")
 VIDEO = ("hunyuan_video15", "ltx2")
 
@@ -515,7 +418,7 @@ def test_qwenimage_latents_are_per_channel_and_5d():
     mean = torch.tensor(vae.config.latents_mean).view(1, 4, 1, 1, 1)
     std = 1.0 / torch.tensor(vae.config.latents_std).view(1, 4, 1, 1, 1)
     want = z.unsqueeze(2) / std + mean  # pipeline_qwenimage.py L705-713
-    raw = to_raw_latents(z, "kl", vae).unsqueeze(2)  # the proposed "qwenimage" format
+    raw = to_raw_latents(z, "qwenimage", vae)  # the shipped "qwenimage" format
     torch.testing.assert_close(raw, want)
     with torch.no_grad():
         assert vae.decode(raw).sample.shape == (2, 3, 1, 32, 48)
@@ -575,15 +478,12 @@ def test_video_facts_match_the_built_model(family: str):
 def test_trains_with_the_proposed_entry(family: str, repa_options: dict):
     """Two steps of RepaCallback with the proposed Family object (a declared family, no edit to
     FAMILIES) on the last block: the projector is fed (B, N, D) image tokens (per frame for video) on
-    the latent grid and learns. qwenimage runs with latent_format "kl": its proposed "qwenimage" format
-    does not exist in decoders.LATENT_FORMATS yet (decoder=pixels never reads it)."""
+    the latent grid and learns. (decoder=pixels: the latent format is not read)."""
     from helpers import Recorder, TinyFlow, TinyVideoFlow, loader, trainer, video_loader
     from lightning_repa import RepaCallback
     import lightning as L
 
     spec = PROPOSED[family]
-    if spec.latent_format == "qwenimage":
-        spec = dataclasses.replace(spec, latent_format="kl")
     video = family in VIDEO
     module = TinyVideoFlow(family) if video else TinyFlow(family)
     n_blocks = len(spec.block_modules(module.transformer))
@@ -617,8 +517,6 @@ def test_gradient_checkpointing_keeps_the_alignment_gradient(family: str, repa_o
     from lightning_repa import RepaCallback
 
     spec = PROPOSED[family]
-    if spec.latent_format == "qwenimage":
-        spec = dataclasses.replace(spec, latent_format="kl")
     video = family in VIDEO
 
     class Grads(L.Callback):

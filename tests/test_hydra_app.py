@@ -29,6 +29,7 @@ GROUPS = ("family", "encoder", "schedule", "decoder", "trainer", "logger", "expe
 # Values a choice needs on top of itself to be complete (`???` in its file).
 NEEDS = {
     ("encoder", "backbone"): ["repa.teacher_block_index=11"],
+    ("encoder", "layersync"): ["repa.teacher_block_index=11"],
     ("decoder", "tae"): ["repa.tae_checkpoint=/weights/taesd.pth"],
 }
 # A few optimizer steps on small batches: the whole demo in seconds.

@@ -16,7 +16,6 @@ from torch.utils.data import DataLoader
 
 from helpers import LatentData, Recorder, TinyFlow, loader, trainer
 from lightning_repa import RepaCallback
-from lightning_repa.tiny_models import TINY_FAMILIES
 
 UNET_HW = (16, 32)
 
@@ -153,7 +152,11 @@ def _grads(family: str, mode: str, lam: float, options: dict) -> dict[str, torch
     return grads.grads
 
 
-@pytest.mark.parametrize("family", list(TINY_FAMILIES))
+CHECKPOINTED = ("flux", "flux2", "sd3", "chroma", "sana", "pixart", "hidream", "auraflow", "lumina2", "sd15", "sdxl",
+                "kolors")  # the newer families: tests/test_frontier_families.py
+
+
+@pytest.mark.parametrize("family", CHECKPOINTED)
 def test_gradient_checkpointing_keeps_the_alignment_gradient(family, repa_options):
     """The denoiser's gradients with REPA are the same with reentrant, non-reentrant or no
     checkpointing (reentrant: the block's first pass runs without gradients), and differ from lam 0."""

@@ -29,7 +29,8 @@ def _run(fam: TinyFamily, hw: tuple[int, int], seed: int = 0) -> tuple[nn.Module
 
 
 def test_registry() -> None:
-    assert tuple(TINY_FAMILIES) == FAMILIES + ("sd15", "sdxl", "kolors")  # UNets: tests/test_tiny_unets.py
+    # UNets: tests/test_tiny_unets.py; dit, flux3, qwenimage, z_image: tests/test_frontier_families.py
+    assert tuple(TINY_FAMILIES) == FAMILIES + ("dit", "flux3", "qwenimage", "z_image") + ("sd15", "sdxl", "kolors")
     for name, fam in TINY_FAMILIES.items():
         assert fam.name == name
         model = fam.build()
