@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from lightning_repa.demo.data import load_digit_images, split_indices
+from lightning_repa.demo.data import HeldOutSplitLoaders, load_digit_images, split_indices
 
 # Unit steps (dy, dx) in a fixed order; `clip_directions` keeps those the canvas has room for.
 _UNIT_STEPS = ((0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1))
@@ -94,7 +93,7 @@ class DigitClipsDataset(Dataset):
         }
 
 
-class DigitClipsDataModule(L.LightningDataModule):
+class DigitClipsDataModule(HeldOutSplitLoaders):
     """Clips of the digits moving across a canvas, split as :class:`DigitsDataModule` splits the
     digits: ``split_seed`` fixes the held-out digits (split 0 is the one the shipped teacher was
     scored on), ``seed`` the training shuffle, so a run's ``seed=N`` changes the order only.
@@ -164,18 +163,3 @@ class DigitClipsDataModule(L.LightningDataModule):
         train_idx, val_idx = split_indices(len(labels), self.val_fraction, self.split_seed)
         self.train_set = DigitClipsDataset(clips[train_idx], labels[train_idx], train_idx)
         self.val_set = DigitClipsDataset(clips[val_idx], labels[val_idx], val_idx)
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=len(self.train_set) >= self.batch_size,
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)

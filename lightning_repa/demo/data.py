@@ -62,7 +62,27 @@ class DigitsDataset(Dataset):
         }
 
 
-class DigitsDataModule(L.LightningDataModule):
+class HeldOutSplitLoaders(L.LightningDataModule):
+    """The loaders of a data module whose `setup` fills `train_set` and `val_set` and that has
+    `batch_size`, `num_workers` and `seed`: training shuffled by `seed`, validation in order."""
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=len(self.train_set) >= self.batch_size,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+
+class DigitsDataModule(HeldOutSplitLoaders):
     """The digits, split once by ``split_seed``: ``val_fraction`` held out (180 of 1,797 by default).
 
     Two seeds, so a run's seed can change the training order without changing the held-out set:
@@ -105,18 +125,3 @@ class DigitsDataModule(L.LightningDataModule):
         train_idx, val_idx = split_indices(len(labels), self.val_fraction, self.split_seed)
         self.train_set = DigitsDataset(images[train_idx], labels[train_idx], train_idx)
         self.val_set = DigitsDataset(images[val_idx], labels[val_idx], val_idx)
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=len(self.train_set) >= self.batch_size,
-            num_workers=self.num_workers,
-            generator=torch.Generator().manual_seed(self.seed),
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        self.setup()
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
