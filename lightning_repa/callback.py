@@ -89,10 +89,10 @@ class RepaCallback(Callback):
             raise TypeError("give either `config` or keyword options, not both")
         self.config = config.validate() if config is not None else RepaConfig.from_options(**options)
         cfg = self.config
-        if cfg.cache is not Cache.none:
+        if cfg.cache is Cache.disk:
             raise NotImplementedError(
-                f"cache={cfg.cache.value!r} is not available yet in this version: use cache=none (the teacher "
-                "features are then computed every step)"
+                "cache='disk' is not available yet in this version: use cache='memory' (features kept in RAM, "
+                "computed once per sample id) or cache='none'"
             )
         self.family = get_family(cfg.family)
         self.method = cfg.method or self.family.method

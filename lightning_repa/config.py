@@ -172,7 +172,9 @@ class RepaConfig:
     ids_key: str = "ids"
     """Batch key of stable sample ids (needed by the teacher cache)."""
     cache: Cache = Cache.none
-    """Teacher feature cache: none | memory | disk (keyed by the batch ids)."""
+    """Teacher feature cache, keyed by `batch[ids_key]`: none | memory (each sample's tokens computed
+    once, kept in float16 in RAM; assumes a sample's clean image does not change between epochs, so
+    not with random crops/flips unless each view has its own id) | disk (not available yet)."""
 
     # --- alignment -------------------------------------------------------------
     spatial_align: bool = True
@@ -258,6 +260,9 @@ class RepaConfig:
                 "mid block only; use teacher=encoder"
             )
         self._check_teacher(family.default_block_index if self.block_index is None else self.block_index)
+        if self.cache is not Cache.none and self.teacher is Teacher.backbone:
+            raise ValueError("`cache` keeps encoder features; teacher=backbone computes its tokens in the same "
+                             "forward and has nothing to cache: use cache=none")
         if self.distance_unit is DistanceUnit.pixel and self.teacher is Teacher.backbone:
             raise ValueError(
                 "`distance_unit=pixel` converts with the frames the teacher decodes, but teacher=backbone sees no "

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lightning_repa.align import Grid, teacher_frames
 from lightning_repa.capture import Captured
-from lightning_repa.config import Decoder, RepaConfig, Teacher
+from lightning_repa.config import Cache, Decoder, RepaConfig, Teacher
 from lightning_repa.decoders import LatentDecoder, load_tiny_decoder, pixels_to_unit
 from lightning_repa.families import Family
 from lightning_repa.surgery import get_path
@@ -108,9 +108,14 @@ def build_teacher(
     """The teacher the options ask for; `module` (the LightningModule) holds the VAE at `vae_attr`."""
     if cfg.teacher is Teacher.backbone:
         return BackboneTeacher(cfg.teacher_block_index)
-    return EncoderTeacher(
+    teacher = EncoderTeacher(
         build_encoder(), _build_decoder(cfg, family, module), cfg.pixels_key, cfg.pixels_range, cfg.encoder_batch_size
     )
+    if cfg.cache is Cache.memory:
+        from lightning_repa.cache import MemoryCachedTeacher  # the cache wraps the teacher (cache imports capture)
+
+        return MemoryCachedTeacher(teacher, cfg.ids_key)
+    return teacher
 
 
 def _build_decoder(cfg: RepaConfig, family: Family, module: nn.Module) -> Optional[LatentDecoder]:

@@ -70,8 +70,8 @@ def test_bad_values_are_refused_at_construction(options, match):
 
 
 def test_unavailable_teacher_cache_is_refused_not_ignored():
-    with pytest.raises(NotImplementedError, match="cache='memory' is not available"):
-        RepaCallback(family="flux", cache="memory")
+    with pytest.raises(NotImplementedError, match="cache='disk' is not available"):
+        RepaCallback(family="flux", cache="disk")
 
 
 def test_explicit_zero_means_zero():
