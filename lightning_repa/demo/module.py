@@ -43,6 +43,28 @@ class FlowMatching(L.LightningModule):
         if not 0.0 <= cfg_dropout < 1.0:
             raise ValueError(f"`cfg_dropout` must be in [0, 1), got {cfg_dropout}")
 
+    def init_label_head(self, out_proj: nn.Module, caption_channels: int) -> None:
+        """Zero-init the network's output projection (the first prediction is v = 0, which measurably
+        speeds up the first few hundred steps: val loss 0.177 vs 0.194 at 300 for the DiT) and embed
+        the class label as a one-token caption (index NULL_CLASS: no class)."""
+        nn.init.zeros_(out_proj.weight)
+        nn.init.zeros_(out_proj.bias)
+        self.label_embedding = nn.Embedding(NULL_CLASS + 1, caption_channels)
+        nn.init.normal_(self.label_embedding.weight, std=1.0)
+
+    def caption(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels as one-token captions (B, 1, caption_channels)."""
+        return self.label_embedding(labels)[:, None]
+
+    @staticmethod
+    def write_png(grid: np.ndarray, scale: int, path: Union[str, Path]) -> Path:
+        """A [0, 1] gray grid upscaled ``scale``x (nearest), written as an 8-bit PNG."""
+        grid = np.kron(grid, np.ones((scale, scale), dtype=np.float32))
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((grid * 255.0 + 0.5).astype(np.uint8)).save(path)
+        return path
+
     def _sample_t(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         if self.hparams.time_sampling == "logit_normal":
             return torch.sigmoid(torch.randn(n, device=self.device, generator=generator))
@@ -143,11 +165,7 @@ class FlowMatching(L.LightningModule):
         for i, img in enumerate(imgs[:, 0].numpy()):
             r, c = divmod(i, per_class)
             grid[pad + r * cell : pad + r * cell + s, pad + c * cell : pad + c * cell + s] = img
-        grid = np.kron(grid, np.ones((scale, scale), dtype=np.float32))
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((grid * 255.0 + 0.5).astype(np.uint8)).save(path)
-        return path
+        return self.write_png(grid, scale, path)
 
 
 class FlowMatchingDiT(FlowMatching):
@@ -213,21 +231,15 @@ class FlowMatchingDiT(FlowMatching):
                 use_additional_conditions=False,
                 activation_fn="gelu",  # exact GELU: ~3x faster than the tanh form on CPU
             )
-            # DiT-style zero init of the output projection: the first prediction is v = 0, which
-            # measurably speeds up the first few hundred steps (val loss 0.177 vs 0.194 at 300).
-            nn.init.zeros_(self.transformer.proj_out.weight)
-            nn.init.zeros_(self.transformer.proj_out.bias)
-            self.label_embedding = nn.Embedding(NULL_CLASS + 1, caption_channels)
-            nn.init.normal_(self.label_embedding.weight, std=1.0)
+            self.init_label_head(self.transformer.proj_out, caption_channels)
 
     # -- model -------------------------------------------------------------------------------
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Velocity for noisy images ``x_t`` (B, 1, S, S) at times ``t`` (B,) in [0, 1]."""
-        caption = self.label_embedding(labels)[:, None]  # (B, 1, caption_channels)
         return self.transformer(
             x_t,
-            encoder_hidden_states=caption,
+            encoder_hidden_states=self.caption(labels),
             timestep=t * 1000.0,  # PixArt's sinusoidal embedding expects DDPM-scale timesteps
             added_cond_kwargs={"resolution": None, "aspect_ratio": None},
             return_dict=False,

@@ -12,9 +12,8 @@ from typing import Sequence
 
 import torch
 from diffusers import UNet2DConditionModel
-from torch import nn
 
-from lightning_repa.demo.module import NULL_CLASS, FlowMatching
+from lightning_repa.demo.module import FlowMatching
 
 # SDXL's block layout: no attention at full resolution, cross-attention in the two halved ones.
 DOWN_BLOCKS = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
@@ -99,19 +98,13 @@ class FlowMatchingUNet(FlowMatching):
                 use_linear_projection=True,  # as SDXL
                 cross_attention_dim=caption_channels,
             )
-            # Zero-init the output conv, as the DiT demo zero-inits its output projection: the first
-            # prediction is v = 0.
-            nn.init.zeros_(self.unet.conv_out.weight)
-            nn.init.zeros_(self.unet.conv_out.bias)
-            self.label_embedding = nn.Embedding(NULL_CLASS + 1, caption_channels)
-            nn.init.normal_(self.label_embedding.weight, std=1.0)
+            self.init_label_head(self.unet.conv_out, caption_channels)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Velocity for noisy images ``x_t`` (B, 1, S, S) at times ``t`` (B,) in [0, 1]."""
-        caption = self.label_embedding(labels)[:, None]  # (B, 1, caption_channels)
         return self.unet(
             x_t,
             t * 1000.0,  # DDPM-scale timesteps, as the DiT demo
-            encoder_hidden_states=caption,
+            encoder_hidden_states=self.caption(labels),
             return_dict=False,
         )[0]  # (B, 1, S, S)

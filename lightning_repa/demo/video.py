@@ -16,10 +16,8 @@ from typing import Union
 import numpy as np
 import torch
 from diffusers import WanTransformer3DModel
-from PIL import Image
-from torch import nn
 
-from lightning_repa.demo.module import NULL_CLASS, FlowMatching
+from lightning_repa.demo.module import FlowMatching
 
 PATCH = (1, 2, 2)  # (frames, rows, cols) per token, as the released Wan models
 
@@ -103,21 +101,16 @@ class FlowMatchingVideo(FlowMatching):
                 ffn_dim=ffn_dim,
                 num_layers=num_layers,
             )
-            # Zero-init the output projection, as the DiT demo does: the first prediction is v = 0.
-            nn.init.zeros_(self.transformer.proj_out.weight)
-            nn.init.zeros_(self.transformer.proj_out.bias)
-            self.label_embedding = nn.Embedding(NULL_CLASS + 1, caption_channels)
-            nn.init.normal_(self.label_embedding.weight, std=1.0)
+            self.init_label_head(self.transformer.proj_out, caption_channels)
 
     # -- model -------------------------------------------------------------------------------
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Velocity for noisy clips ``x_t`` (B, 1, T, H, W) at times ``t`` (B,) in [0, 1]."""
-        caption = self.label_embedding(labels)[:, None]  # (B, 1, caption_channels)
         return self.transformer(
             hidden_states=x_t,
             timestep=t * 1000.0,  # the Wan pipeline hands the scheduler's sigma * 1000
-            encoder_hidden_states=caption,
+            encoder_hidden_states=self.caption(labels),
             return_dict=False,
         )[0]  # (B, 1, T, H, W)
 
@@ -150,8 +143,4 @@ class FlowMatchingVideo(FlowMatching):
             for k, frame in enumerate(clip):
                 x = pad + k * (w + pad)
                 grid[y : y + h, x : x + w] = frame
-        grid = np.kron(grid, np.ones((scale, scale), dtype=np.float32))
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((grid * 255.0 + 0.5).astype(np.uint8)).save(path)
-        return path
+        return self.write_png(grid, scale, path)
