@@ -56,8 +56,6 @@ def per_frame(x: Tensor, grid: tuple[int, ...]) -> tuple[Tensor, Grid]:
     if len(grid) == 2:
         return x, (int(grid[0]), int(grid[1]))
     t, h, w = grid
-    if x.dim() == 4:  # already per frame
-        return x, (h, w)
     return x.reshape(x.shape[0], t, h * w, x.shape[-1]), (h, w)
 
 
