@@ -24,7 +24,7 @@ from lightning_repa.attach import (
     require_denoiser,
 )
 from lightning_repa.capture import BlockCapture
-from lightning_repa.config import Cache, Method, RepaConfig, Teacher
+from lightning_repa.config import Method, RepaConfig, Teacher
 from lightning_repa.decoders import drop_vae_encoder
 from lightning_repa.encoders import load_encoder
 from lightning_repa.families import get_family
@@ -89,11 +89,6 @@ class RepaCallback(Callback):
             raise TypeError("give either `config` or keyword options, not both")
         self.config = config.validate() if config is not None else RepaConfig.from_options(**options)
         cfg = self.config
-        if cfg.cache is Cache.disk:
-            raise NotImplementedError(
-                "cache='disk' is not available yet in this version: use cache='memory' (features kept in RAM, "
-                "computed once per sample id) or cache='none'"
-            )
         self.family = get_family(cfg.family)
         self.method = cfg.method or self.family.method
         self.block_index = self.family.default_block_index if cfg.block_index is None else cfg.block_index
@@ -229,8 +224,9 @@ class RepaCallback(Callback):
             cfg.schedule, cfg.lam, cfg.warmup_steps, cfg.decay_steps, cfg.lambda_end, cfg.power, trainer.max_steps
         )
         self.gate = Gate(schedule, self.cutoff)
-        if isinstance(self.teacher, nn.Module):
-            self.teacher.to(pl_module.device)
+        self.teacher.to(pl_module.device)  # every teacher (and cache wrapper) has `to`
+        if hasattr(self.teacher, "set_autocast"):  # decode and encode in bf16 when the trainer trains in bf16
+            self.teacher.set_autocast(torch.bfloat16 if "bf16" in str(trainer.precision) else None)
         self.metrics.to(pl_module.device).reset()
         self._checked_gradients = False
         self._last_cknna = self._cknna_grid = None

@@ -172,9 +172,17 @@ class RepaConfig:
     ids_key: str = "ids"
     """Batch key of stable sample ids (needed by the teacher cache)."""
     cache: Cache = Cache.none
-    """Teacher feature cache, keyed by `batch[ids_key]`: none | memory (each sample's tokens computed
-    once, kept in float16 in RAM; assumes a sample's clean image does not change between epochs, so
-    not with random crops/flips unless each view has its own id) | disk (not available yet)."""
+    """Teacher feature cache, keyed by `batch[ids_key]`: each sample's tokens computed once, stored in
+    float16. none | memory (in this process's RAM, for one run) | disk (safetensors shards under
+    `cache_dir`, shared by ranks and runs, precomputed by `lightning-repa-cache` or filled while
+    training). A sample that comes back different under its id (random crops or flips) is refused:
+    key the views with `views_key`, or use none."""
+    cache_dir: Optional[str] = None
+    """Directory of the disk cache (cache=disk). A cache made with another encoder, checkpoint, image
+    size, resize rule, latent decoder or package version is refused, naming the field that differs."""
+    views_key: Optional[str] = None
+    """Batch key of a view id per sample (e.g. flip flag, crop index): with a cache, the features are
+    kept per (id, view). None: one view per id."""
 
     # --- alignment -------------------------------------------------------------
     spatial_align: bool = True
@@ -268,6 +276,8 @@ class RepaConfig:
                 "`distance_unit=pixel` converts with the frames the teacher decodes, but teacher=backbone sees no "
                 "pixel frames; give `distance` in latent frames (distance_unit=latent)"
             )
+        if self.cache is Cache.disk and not self.cache_dir:
+            raise ValueError("`cache=disk` needs `cache_dir`, the directory of the cache (created if missing)")
         if self.decoder is Decoder.tae and not self.tae_checkpoint:
             raise ValueError("`decoder=tae` needs `tae_checkpoint` (a taesd .pth file or an AutoencoderTiny directory)")
         if self.irepa and self.projector in (Projector.mlp, Projector.identity):
@@ -329,7 +339,8 @@ class RepaConfig:
             "teacher=encoder": (self.teacher is not Teacher.encoder, ("encoder_checkpoint",)),
             "projector=mlp": (self.projector is not Projector.mlp, ("projector_hidden",)),
             "irepa=True": (not self.irepa, ("irepa_alpha",)),
-            "a teacher cache (cache=memory|disk)": (self.cache is Cache.none, ("ids_key",)),
+            "a teacher cache (cache=memory|disk)": (self.cache is Cache.none, ("ids_key", "views_key")),
+            "cache=disk": (self.cache is not Cache.disk, ("cache_dir",)),
         }
         for needs, (off, names) in unused.items():
             ignored = self.non_default(names) if off else []

@@ -142,6 +142,10 @@ def _check_vit(model: nn.Module) -> None:
         )
 
 
+RESIZE_RULE = "bicubic antialias to grid_for(H, W) * patch (aspect kept), clamp [0, 1], timm mean/std"
+"""How FrozenEncoder.prepare resizes and normalises (recorded by the disk teacher cache)."""
+
+
 class FrozenEncoder(nn.Module):
     """A frozen timm ViT that maps images in [0, 1] to its final normed patch tokens.
 

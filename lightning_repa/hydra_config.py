@@ -24,7 +24,7 @@ from omegaconf import MISSING, OmegaConf
 
 from lightning_repa.config import RepaConfig
 
-__all__ = ["AppConfig", "PathsConfig", "SampleConfig", "demo_teacher_checkpoint", "register"]
+__all__ = ["AppConfig", "PathsConfig", "PrecomputeConfig", "SampleConfig", "demo_teacher_checkpoint", "register"]
 
 
 @dataclass
@@ -55,6 +55,21 @@ class PathsConfig:
 
 
 @dataclass
+class PrecomputeConfig:
+    """``lightning-repa-cache``: which samples it encodes into ``repa.cache_dir`` and how."""
+
+    split: str = "train"
+    """The data module's loader to read: train, val or all (both)."""
+    shard_size: int = 1024
+    """Samples per shard file: a killed run loses at most the last unwritten shard; a rerun skips
+    everything already written."""
+    device: str = "auto"
+    """auto (cuda when available), cpu or cuda[:N]."""
+    max_batches: Optional[int] = None
+    """Stop after this many batches of each loader (a partial cache, e.g. to try the settings)."""
+
+
+@dataclass
 class AppConfig:
     """The top level of ``config.yaml``."""
 
@@ -72,6 +87,8 @@ class AppConfig:
     """The ``ModelCheckpoint`` callback (``_target_`` node)."""
     paths: PathsConfig = field(default_factory=PathsConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
+    """Read by ``lightning-repa-cache`` only (``lightning_repa/precompute.py``)."""
     seed: int = 0
     """The run's seed: ``lightning.seed_everything`` (Python, NumPy, torch: noise, timesteps, the
     projector's init) before anything is built, and through ``${seed}`` the demo's ``model.seed``

@@ -31,6 +31,10 @@ class TeacherProtocol(Protocol):
         """Teacher tokens (B, M, D) row-major on the returned grid, without gradients."""
         ...
 
+    def to(self, device: Any) -> Any:
+        """Move whatever the teacher computes with to the training device."""
+        ...
+
 
 class EncoderTeacher(nn.Module):
     """`(batch, latents, captured) -> (tokens (B, M, D), grid (gh, gw))` from a frozen image encoder.
@@ -54,10 +58,19 @@ class EncoderTeacher(nn.Module):
         self.encoder, self.decoder = encoder, decoder
         self.pixels_key, self.pixels_range, self.batch_size = pixels_key, tuple(pixels_range), batch_size
         self.temporal_ratio: Optional[int] = None  # pixel frames per latent frame, seen at the last video call
+        self.autocast: Optional[torch.dtype] = None  # decode and encode under this autocast dtype (bf16 trainers)
 
     @property
     def embed_dim(self) -> int:
         return int(self.encoder.embed_dim)
+
+    def set_autocast(self, dtype: Optional[torch.dtype]) -> None:
+        """Decode and encode under autocast to `dtype` (the trainer's bf16), or as the caller's context has it."""
+        self.autocast = dtype
+
+    def source(self, batch: Mapping[str, Any], latents: Tensor) -> Tensor:
+        """What the teacher's features are a function of: the batch's pixels, or the clean latents."""
+        return batch[self.pixels_key] if self.decoder is None else latents
 
     def images(self, batch: Mapping[str, Any], latents: Tensor) -> Tensor:
         """Clean images (B, 3, H, W), or video frames (B, F, 3, H, W), in [0, 1]."""
@@ -69,6 +82,12 @@ class EncoderTeacher(nn.Module):
     def forward(self, batch: Mapping[str, Any], latents: Tensor, captured: Optional[Captured] = None) -> tuple[Tensor, Grid]:
         """Tokens (B, M, D) on the encoder's grid; for video latents (B, C, T, h, w), per latent frame
         (B, T, M, D), each from the pixel frame `align.teacher_frames` assigns it."""
+        if self.autocast is not None:
+            with torch.autocast(latents.device.type, dtype=self.autocast):
+                return self._tokens(batch, latents)
+        return self._tokens(batch, latents)
+
+    def _tokens(self, batch: Mapping[str, Any], latents: Tensor) -> tuple[Tensor, Grid]:
         images = self.images(batch, latents)  # (B, 3, H, W) or (B, F, 3, H, W)
         video = latents.dim() == 5
         if images.dim() != (5 if video else 4):
@@ -111,11 +130,12 @@ def build_teacher(
     teacher = EncoderTeacher(
         build_encoder(), _build_decoder(cfg, family, module), cfg.pixels_key, cfg.pixels_range, cfg.encoder_batch_size
     )
-    if cfg.cache is Cache.memory:
-        from lightning_repa.cache import MemoryCachedTeacher  # the cache wraps the teacher (cache imports capture)
+    if cfg.cache is Cache.none:
+        return teacher
+    from lightning_repa.cache import CachedTeacher, DiskStore, MemoryStore, cache_metadata  # wraps the teacher
 
-        return MemoryCachedTeacher(teacher, cfg.ids_key)
-    return teacher
+    store = MemoryStore() if cfg.cache is Cache.memory else DiskStore(cfg.cache_dir, cache_metadata(cfg, teacher))
+    return CachedTeacher(teacher, store, cfg.ids_key, cfg.views_key)
 
 
 def _build_decoder(cfg: RepaConfig, family: Family, module: nn.Module) -> Optional[LatentDecoder]:

@@ -1,6 +1,6 @@
 """Two-process CPU DDP run (gloo) for tests/test_training_state.py; writes one JSON per rank.
 
-Usage: python ddp_script.py OUT_DIR ENCODER_CHECKPOINT [cutoff|nan]
+Usage: python ddp_script.py OUT_DIR ENCODER_CHECKPOINT [cutoff|nan|disk]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class Record(Recorder):
             updates=[s["similarity"] for s in self.steps if s["similarity"] is not None],
             global_step=trainer.global_step, ema=self.repa.cutoff.ema, tripped_at=self.repa.cutoff.tripped_at,
             projector_sum=[float(p.double().sum()) for p in pl_module.repa_projector.parameters()],
+            misses=getattr(self.repa.teacher, "misses", None), hits=getattr(self.repa.teacher, "hits", None),
         )
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.data))
@@ -61,18 +62,22 @@ class _NanOnRank1(torch.utils.data.Dataset):
 
 
 def main(out: str, checkpoint: str, mode: str = "cutoff") -> None:
-    """mode "cutoff": a similarity cutoff trips during the run; "nan": rank 1's first batch is corrupt."""
+    """mode "cutoff": a similarity cutoff trips during the run; "nan": rank 1's first batch is corrupt;
+    "disk": both ranks share a disk teacher cache over 2 shuffled epochs."""
     torch.set_num_threads(1)
     L.seed_everything(0)
     threshold = -1.0 if mode == "cutoff" else None
+    cache = dict(cache="disk", cache_dir=str(Path(out) / "cache")) if mode == "disk" else {}
     repa = RepaCallback(family="sd3", block_index=1, lam=1.0, similarity_threshold=threshold, encoder="dinov2_vits14",
-                        encoder_checkpoint=checkpoint, encoder_image_size=56, decoder="pixels")
+                        encoder_checkpoint=checkpoint, encoder_image_size=56, decoder="pixels", **cache)
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy=DDPStrategy(find_unused_parameters=False), max_steps=5,
+        accelerator="cpu", devices=2, strategy=DDPStrategy(find_unused_parameters=False),
+        max_steps=10 if mode == "disk" else 5,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[repa, Record(repa, Path(out))],
     )
-    data = loader("sd3", n=20) if mode == "cutoff" else DataLoader(_NanOnRank1(), batch_size=2)
+    data = {"cutoff": loader("sd3", n=20), "nan": DataLoader(_NanOnRank1(), batch_size=2),
+            "disk": DataLoader(LatentData("sd3", n=20), batch_size=2, shuffle=True)}[mode]
     trainer.fit(TinyFlow("sd3", optimizer="adamw"), data)
 
 
