@@ -27,6 +27,7 @@ import socket
 import time
 import uuid
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Hashable, Iterable, Mapping, Optional, Protocol
 
@@ -141,6 +142,8 @@ class DiskStore:
         self.claim_timeout, self.shard_size = claim_timeout, shard_size
         self.pending: dict[str, Entry] = {}  # put, not yet written (fewer than shard_size)
         self.index: dict[str, Path] = {}  # key -> shard
+        self._handles: OrderedDict[Path, tuple[Any, dict[str, list[int]]]] = OrderedDict()  # open shards
+        self.max_open = 256
         self._seen: set[str] = set()  # shard names read
         self._mine: set[str] = set()  # keys this store claimed
         self.token = uuid.uuid4().hex  # tells this store's claims from other stores' of this process
@@ -186,8 +189,6 @@ class DiskStore:
             self.index.update(dict.fromkeys(keys, self.shards / name))
 
     def get(self, keys: list[str]) -> dict[str, Entry]:
-        from safetensors import safe_open
-
         if any(k not in self.index for k in keys):
             self.refresh()
         by_shard: dict[Path, list[str]] = {}
@@ -196,11 +197,24 @@ class DiskStore:
                 by_shard.setdefault(self.index[k], []).append(k)
         out = {k: self.pending[k] for k in keys if k in self.pending}
         for shard, names in by_shard.items():
-            with safe_open(shard, "pt") as f:  # memory-mapped: reads only these tensors
-                grids = json.loads(f.metadata()["grids"])
-                for k in names:
-                    out[k] = (f.get_tensor(f"t/{k}"), tuple(grids[k]), f.get_tensor(f"f/{k}"))
+            f, grids = self._open(shard)
+            for k in names:
+                out[k] = (f.get_tensor(f"t/{k}"), tuple(grids[k]), f.get_tensor(f"f/{k}"))
         return out
+
+    def _open(self, shard: Path) -> tuple[Any, dict[str, list[int]]]:
+        """The shard's reader (memory-mapped: reads only the tensors asked for) and grids; the last
+        `max_open` shards stay open."""
+        from safetensors import safe_open
+
+        if shard in self._handles:
+            self._handles.move_to_end(shard)
+        else:
+            f = safe_open(shard, "pt")
+            self._handles[shard] = (f, json.loads(f.metadata()["grids"]))
+            if len(self._handles) > self.max_open:
+                self._handles.popitem(last=False)
+        return self._handles[shard]
 
     def __len__(self) -> int:
         self.refresh()
