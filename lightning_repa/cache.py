@@ -20,6 +20,7 @@ every view, or train with cache=none.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -77,9 +78,14 @@ def fingerprint(x: Tensor) -> Tensor:
     to its RMS. A flip, crop or other change of the sample moves them by about its RMS; the
     rounding of another dtype by far less."""
     flat = x.detach().flatten(1).float()  # (B, n)
-    gen = torch.Generator().manual_seed(flat.shape[1])
-    signs = (torch.randint(0, 2, (flat.shape[1], 2), generator=gen) * 2 - 1).to(flat)  # (n, 2), ±1
-    return (flat @ signs / flat.shape[1] ** 0.5).cpu()  # (B, 2)
+    return (flat @ _signs(flat.shape[1], flat.device) / flat.shape[1] ** 0.5).cpu()  # (B, 2)
+
+
+@functools.lru_cache(maxsize=8)
+def _signs(n: int, device: torch.device) -> Tensor:
+    """(n, 2) fixed ±1 (seeded by n), made once per size and device."""
+    gen = torch.Generator().manual_seed(n)
+    return (torch.randint(0, 2, (n, 2), generator=gen) * 2 - 1).float().to(device)
 
 
 def same_sample(cached: Tensor, now: Tensor) -> Tensor:

@@ -51,7 +51,7 @@ class StepMetrics:
 
     def __init__(self, max_nonfinite_steps: int = 10) -> None:
         self.max_nonfinite_steps = max_nonfinite_steps
-        self._means: dict[str, MeanMetric] = {"loss": MeanMetric(), "similarity": MeanMetric()}
+        self._means: dict[str, MeanMetric] = {"loss": _mean(), "similarity": _mean()}
         self._device = torch.device("cpu")
         self.skipped_total = 0  # optimizer steps with a skipped micro-batch, over the whole run
         self.skipped_in_a_row = 0
@@ -77,7 +77,7 @@ class StepMetrics:
             self._means["similarity"].update(similarity)
         for name, value in terms.items():
             if name not in self._means:
-                self._means[name] = MeanMetric().to(self._device)
+                self._means[name] = _mean().to(self._device)
             self._means[name].update(value)
 
     def close(self, step: int) -> tuple[Optional[float], dict[str, float]]:
@@ -98,6 +98,7 @@ class StepMetrics:
         if self._means["similarity"].update_count:
             similarity = float(self._means["similarity"].compute())
         means = {name: float(m.compute()) for name, m in self._means.items() if name != "similarity" and m.update_count}
+        means.setdefault("loss", 0.0)  # no micro-batch measured: nothing was added
         means["skipped"] = float(self.skipped_total)
         return similarity, means
 
@@ -107,6 +108,12 @@ class StepMetrics:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped_total = int(state.get("skipped_total", 0))
         self.skipped_in_a_row = int(state.get("skipped_in_a_row", 0))
+
+
+def _mean() -> MeanMetric:
+    """A mean synced across ranks; non-finite values never reach it (the callback skips them), so
+    it does not look for NaN (a host sync per update)."""
+    return MeanMetric(nan_strategy="disable")
 
 
 def nonfinite(*named: tuple[str, Tensor]) -> Optional[str]:

@@ -74,7 +74,7 @@ def main(out: str, checkpoint: str, mode: str = "cutoff") -> None:
         accelerator="cpu", devices=2, strategy=DDPStrategy(find_unused_parameters=False),
         max_steps=10 if mode == "disk" else 5,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[repa, Record(repa, Path(out))],
+        log_every_n_steps=1, callbacks=[repa, Record(repa, Path(out))],
     )
     data = {"cutoff": loader("sd3", n=20), "nan": DataLoader(_NanOnRank1(), batch_size=2),
             "disk": DataLoader(LatentData("sd3", n=20), batch_size=2, shuffle=True)}[mode]

@@ -97,7 +97,7 @@ def main(out: str, checkpoint: str, precision: str, use_orig_params: str, wrap: 
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy=CPUFSDPStrategy(**kwargs), precision=precision, max_steps=3,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[repa, Record(Path(out))],
+        log_every_n_steps=1, callbacks=[repa, Record(Path(out))],
     )
     try:
         trainer.fit(TinyFlow("sd3", optimizer="adamw", lr=1e-2), loader("sd3", n=12))

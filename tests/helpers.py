@@ -69,6 +69,7 @@ def trainer(max_steps: int = 3, callbacks: Optional[list] = None, **kwargs: Any)
     options = dict(
         max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks or [], deterministic=True,
+        log_every_n_steps=1,  # `repa/*` reach callback_metrics on the steps Lightning writes logs
     )
     options.update(kwargs)
     return L.Trainer(**options)
