@@ -45,8 +45,8 @@ Entry = tuple[Tensor, Grid, Tensor]
 """One sample: tokens float16 on the CPU ((M, D) per image, (T, M, D) per video), grid, fingerprint (2,)."""
 
 
-def sample_ids(batch: Mapping[str, Any], key: str, size: int) -> list[Hashable]:
-    """The batch's sample ids as hashable Python values; errors name `ids_key`."""
+def sample_ids(batch: Mapping[str, Any], key: str, size: int, distinct: bool = True) -> list[Hashable]:
+    """The batch's sample ids as hashable Python values (`distinct`: one per sample); errors name `ids_key`."""
     if key not in batch:
         raise KeyError(
             f"the teacher cache reads stable sample ids from batch[{key!r}], which is missing (keys: {sorted(batch)}); "
@@ -54,23 +54,25 @@ def sample_ids(batch: Mapping[str, Any], key: str, size: int) -> list[Hashable]:
         )
     ids = batch[key]
     ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
-    if len(ids) != size or len(set(map(str, ids))) != size:
+    if len(ids) != size or (distinct and len(set(map(str, ids))) != size):
         raise ValueError(f"batch[{key!r}] must hold one distinct id per sample ({size}), got {ids}")
     return ids
 
 
 def cache_keys(batch: Mapping[str, Any], ids_key: str, views_key: Optional[str], size: int) -> list[str]:
     """One string key per sample: its id, and `@view` when views are keyed."""
-    ids = sample_ids(batch, ids_key, size)
+    ids = sample_ids(batch, ids_key, size, distinct=views_key is None)
     if views_key is None:
         return [str(i) for i in ids]
     if views_key not in batch:
         raise KeyError(f"`views_key`={views_key!r} is not a key of the batch (keys: {sorted(batch)})")
     views = batch[views_key]
     views = views.tolist() if isinstance(views, Tensor) else list(views)
-    if len(views) != size:
-        raise ValueError(f"batch[{views_key!r}] must hold one view id per sample ({size}), got {views}")
-    return [f"{i}@{v}" for i, v in zip(ids, views)]
+    keys = [f"{i}@{v}" for i, v in zip(ids, views)]
+    if len(views) != size or len(set(keys)) != size:
+        raise ValueError(f"batch[{views_key!r}] must hold one view id per sample ({size}), distinct for samples of "
+                         f"one id, got {views}")
+    return keys
 
 
 def fingerprint(x: Tensor) -> Tensor:
@@ -323,6 +325,7 @@ class CachedTeacher:
                  poll: float = 0.05) -> None:
         self.teacher, self.store, self.ids_key, self.views_key, self.poll = teacher, store, ids_key, views_key, poll
         self.hits = self.misses = 0
+        self._warned_wait = False
 
     @property
     def embed_dim(self) -> Optional[int]:
@@ -346,7 +349,7 @@ class CachedTeacher:
         prints = fingerprint(self.teacher.source(batch, latents))  # (B, 2)
         found = self.store.get(keys)
         pending = [i for i, k in enumerate(keys) if k not in found]
-        computed = 0
+        computed, since = 0, time.monotonic()
         while pending:
             mine = set(self.store.claim([keys[i] for i in pending]))
             rows = [i for i in pending if keys[i] in mine]
@@ -365,6 +368,11 @@ class CachedTeacher:
                 pending = [i for i in pending if keys[i] not in found]
                 if pending:
                     time.sleep(self.poll)
+                    if time.monotonic() - since > 60 and not self._warned_wait:
+                        self._warned_wait = True
+                        warnings.warn(f"teacher cache: waiting for {len(pending)} samples another process claimed "
+                                      f"(e.g. {keys[pending[0]]!r}); a claim of a stuck process expires after "
+                                      "`claim_timeout`", stacklevel=2)
         self.misses += computed
         self.hits += size - computed
         return self._assemble(keys, found, prints, latents)

@@ -281,6 +281,13 @@ def test_a_sample_that_comes_back_flipped_is_refused_unless_views_are_keyed():
             tokens, _ = keyed({**b, "flip": torch.tensor([flip, flip])}, latents)
             torch.testing.assert_close(tokens, plain(b, latents)[0].half().float(), rtol=0, atol=0)
     assert keyed.teacher.computed == 4 and keyed.hits == 4, "each (id, view) computed once"
+    both = {"ids": torch.tensor([0, 0]), "pixels": torch.stack([pixels[0], pixels[0].flip(-1)]),
+            "flip": torch.tensor([0, 1])}  # two views of one id in one batch
+    tokens, _ = keyed(both, latents)
+    torch.testing.assert_close(tokens, plain(both, latents)[0].half().float(), rtol=0, atol=0)
+    assert keyed.teacher.computed == 4, "both views were cached already"
+    with pytest.raises(ValueError, match=r"one view id per sample \(2\), distinct for samples of one id"):
+        keyed({**both, "flip": torch.tensor([1, 1])}, latents)
 
 
 def test_fingerprints_separate_flips_and_crops_but_not_rounding():
