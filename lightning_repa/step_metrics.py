@@ -112,8 +112,11 @@ class StepMetrics:
 
 def _mean() -> MeanMetric:
     """A mean synced across ranks; non-finite values never reach it (the callback skips them), so
-    it does not look for NaN (a host sync per update)."""
-    return MeanMetric(nan_strategy="disable")
+    it does not look for NaN (a host sync per update) where torchmetrics allows that."""
+    try:
+        return MeanMetric(nan_strategy="disable")
+    except ValueError:  # a torchmetrics without the "disable" strategy
+        return MeanMetric()
 
 
 def nonfinite(*named: tuple[str, Tensor]) -> Optional[str]:
