@@ -107,6 +107,10 @@ class FeatureStore(Protocol):
         """The keys this process should compute now (others are being computed elsewhere)."""
         ...
 
+    def release(self, keys: Iterable[str]) -> None:
+        """Give up claims without storing (the computation failed)."""
+        ...
+
 
 class MemoryStore:
     """Entries in a dict, in this process's RAM."""
@@ -122,6 +126,9 @@ class MemoryStore:
 
     def claim(self, keys: list[str]) -> list[str]:
         return list(keys)
+
+    def release(self, keys: Iterable[str]) -> None:
+        """Nothing to release: one process, no claims."""
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -357,9 +364,7 @@ class CachedTeacher:
                 try:
                     found.update(self._compute(batch, latents, captured, rows, keys, prints))
                 except BaseException:
-                    release = getattr(self.store, "release", None)  # others must not wait for these
-                    if release is not None:
-                        release(keys[i] for i in rows)
+                    self.store.release(keys[i] for i in rows)  # others must not wait for these
                     raise
                 computed += len(rows)
             pending = [i for i in pending if keys[i] not in found]

@@ -224,9 +224,8 @@ class RepaCallback(Callback):
             cfg.schedule, cfg.lam, cfg.warmup_steps, cfg.decay_steps, cfg.lambda_end, cfg.power, trainer.max_steps
         )
         self.gate = Gate(schedule, self.cutoff)
-        self.teacher.to(pl_module.device)  # every teacher (and cache wrapper) has `to`
-        if hasattr(self.teacher, "set_autocast"):  # decode and encode in bf16 when the trainer trains in bf16
-            self.teacher.set_autocast(torch.bfloat16 if "bf16" in str(trainer.precision) else None)
+        self.teacher.to(pl_module.device)
+        self.teacher.set_autocast(torch.bfloat16 if "bf16" in str(trainer.precision) else None)
         self.metrics.to(pl_module.device).reset()
         self._checked_gradients = False
         self._last_cknna = self._cknna_grid = None

@@ -35,6 +35,10 @@ class TeacherProtocol(Protocol):
         """Move whatever the teacher computes with to the training device."""
         ...
 
+    def set_autocast(self, dtype: Optional[torch.dtype]) -> None:
+        """Compute under autocast to `dtype` (the trainer's bf16), or None: as the caller's context has it."""
+        ...
+
 
 class EncoderTeacher(nn.Module):
     """`(batch, latents, captured) -> (tokens (B, M, D), grid (gh, gw))` from a frozen image encoder.
@@ -119,6 +123,9 @@ class BackboneTeacher:
 
     def to(self, *args: Any, **kwargs: Any) -> "BackboneTeacher":
         return self
+
+    def set_autocast(self, dtype: Optional[torch.dtype]) -> None:
+        """Nothing to do: its tokens come from the student's own forward, under the trainer's precision."""
 
 
 def build_teacher(
