@@ -17,7 +17,7 @@ decoder and encoder an uncached step runs, on the same batches) and the alignmen
 + objective, forward and backward: the floor of a cached step).
 
 The denoiser is the diffusers class of `--family` (default PixArt-alpha's), widened and deepened from
-`lightning_repa.tiny_models` (default hidden 128, 8 blocks, 2.3 M parameters: tens of ms a step on
+`lightning_repa.testing.tiny_models` (default hidden 128, 8 blocks, 2.3 M parameters: tens of ms a step on
 two CPU cores; families without a size rule run at their tiny size), the VAE a small diffusers
 `AutoencoderKL` with the 8x downsampling of the real ones at `module.vae` (`decoder="vae"`), the
 teacher DINOv2 ViT-S/14 with random weights, written to a temporary directory that is removed.
@@ -68,7 +68,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from helpers import LatentData, TinyFlow  # noqa: E402
 from lightning_repa import RepaCallback  # noqa: E402
 from lightning_repa.families import get_family  # noqa: E402
-from lightning_repa.tiny_models import TINY_FAMILIES, TinyFamily  # noqa: E402
+from lightning_repa.testing.tiny_models import TINY_FAMILIES, TinyFamily  # noqa: E402
 
 MODES = ("baseline", "uncached", "cached", "weight0")  # each a trainer.fit
 PROBES = ("decode_encode", "align")  # timed alone, outside the training loop

@@ -11,7 +11,7 @@ import torch
 from helpers import Recorder, TinyVideoFlow, VideoData, trainer, video_loader
 from lightning_repa import RepaCallback
 from lightning_repa.align import teacher_frames
-from lightning_repa.tiny_video_models import TINY_VIDEO_FAMILIES, normalize_latents, tiny_video_vae
+from lightning_repa.testing.tiny_video_models import TINY_VIDEO_FAMILIES, normalize_latents, tiny_video_vae
 
 VIDEO = ("wan", "ltxvideo", "sanavideo", "kandinsky5_video")  # hunyuan_video15, ltx2: tests/test_frontier_families.py
 BLOCK_LISTS = {"wan": "blocks", "ltxvideo": "transformer_blocks", "sanavideo": "transformer_blocks",
@@ -180,7 +180,7 @@ def test_video_latents_are_denormalised_as_each_pipeline_does(family):
     """decoders' training-space -> VAE-space transform equals the pipelines' (tiny_video_models
     writes each pipeline's formula out, with its file and line)."""
     from lightning_repa.decoders import to_raw_latents
-    from lightning_repa.tiny_video_models import denormalize_latents
+    from lightning_repa.testing.tiny_video_models import denormalize_latents
 
     vae = tiny_video_vae(family)
     z = torch.randn(2, TINY_VIDEO_FAMILIES[family].latent_channels, 3, 2, 4)

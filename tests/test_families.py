@@ -18,7 +18,7 @@ from lightning_repa import FAMILIES as ALL_FAMILIES
 from lightning_repa import RepaCallback
 from lightning_repa.config import Method
 from lightning_repa.capture import BlockCapture
-from lightning_repa.tiny_models import TEXT_LEN, TINY_FAMILIES
+from lightning_repa.testing.tiny_models import TEXT_LEN, TINY_FAMILIES
 
 NEWER = ("dit", "flux3", "qwenimage", "z_image")  # tests/test_frontier_families.py
 FAMILIES = {name: f for name, f in ALL_FAMILIES.items() if f.method is Method.repa and name not in NEWER}  # UNets: test_urepa.py

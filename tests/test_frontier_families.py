@@ -37,8 +37,8 @@ from lightning_repa.capture import BlockCapture
 from lightning_repa.decoders import to_raw_latents
 from lightning_repa.families import FAMILIES, Family, call_arguments
 from lightning_repa.selectors import Z_IMAGE_SEQ_MULTIPLE, _z_image_layers, _z_image_refiner
-from lightning_repa.tiny_models import FLUX3_REFERENCE_GRID, TEXT_LEN, TINY_FAMILIES, pack2x2
-from lightning_repa.tiny_video_models import (
+from lightning_repa.testing.tiny_models import FLUX3_REFERENCE_GRID, TEXT_LEN, TINY_FAMILIES, pack2x2
+from lightning_repa.testing.tiny_video_models import (
     TINY_VIDEO_FAMILIES,
     VIDEO_FACTS,
     VIDEO_VAE_FACTS,

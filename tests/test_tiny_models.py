@@ -1,4 +1,4 @@
-"""The tiny diffusers denoisers of `lightning_repa.tiny_models`: shapes, gradients, determinism."""
+"""The tiny diffusers denoisers of `lightning_repa.testing.tiny_models`: shapes, gradients, determinism."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_repa.tiny_models import TINY_FAMILIES, TinyFamily, pack2x2, unpack2x2
+from lightning_repa.testing.tiny_models import TINY_FAMILIES, TinyFamily, pack2x2, unpack2x2
 
 FAMILIES = ("flux", "flux2", "sd3", "chroma", "sana", "pixart", "hidream", "auraflow", "lumina2")
 pytestmark = pytest.mark.filterwarnings("ignore:.*FluxPosEmbed:FutureWarning")  # from diffusers' chroma

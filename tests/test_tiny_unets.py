@@ -1,4 +1,4 @@
-"""The tiny UNets of `lightning_repa.tiny_models` (sd15, sdxl, kolors): layout, mid-block grid,
+"""The tiny UNets of `lightning_repa.testing.tiny_models` (sd15, sdxl, kolors): layout, mid-block grid,
 added conditioning, gradients. The downsampling factor is counted here from the built model,
 not taken from the family entry."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_repa.tiny_models import TEXT_DIM, TINY_FAMILIES
+from lightning_repa.testing.tiny_models import TEXT_DIM, TINY_FAMILIES
 
 UNETS = ("sd15", "sdxl", "kolors")
 DOWNSAMPLES = {"sd15": 3, "sdxl": 2, "kolors": 2}  # the real models': SD1.5 64 -> 8, SDXL 128 -> 32

@@ -1,4 +1,4 @@
-"""The tiny diffusers video denoisers and VAEs of `lightning_repa.tiny_video_models`: shapes,
+"""The tiny diffusers video denoisers and VAEs of `lightning_repa.testing.tiny_video_models`: shapes,
 gradients, determinism, the in-block token layout, and the VAEs' frame bookkeeping."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_repa.tiny_video_models import (
+from lightning_repa.testing.tiny_video_models import (
     TINY_VIDEO_FAMILIES,
     VIDEO_FACTS,
     VIDEO_VAE_FACTS,

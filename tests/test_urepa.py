@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from helpers import Recorder, TinyFlow, loader, trainer
 from lightning_repa import RepaCallback
-from lightning_repa.tiny_models import TINY_FAMILIES
+from lightning_repa.testing.tiny_models import TINY_FAMILIES
 
 UNETS = ("sdxl", "sd15", "kolors")
 

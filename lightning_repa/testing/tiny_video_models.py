@@ -142,7 +142,7 @@ from diffusers import (
 )
 from torch import Tensor, nn
 
-from lightning_repa.tiny_models import TinyBuilder
+from lightning_repa.testing.tiny_models import TinyBuilder
 
 Cond = dict[str, Tensor]
 Grid3 = tuple[int, int, int]
