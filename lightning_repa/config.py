@@ -1,84 +1,39 @@
-"""Every option of the callback, documented once (SPEC section 10).
+"""Every option of the callback, documented once (SPEC section 10), and what a configuration
+resolves to.
 
 `RepaConfig` is the single source of truth: `RepaCallback(**options)` builds one,
 the Hydra app composes one under the `repa` node (choices are Enums, so a wrong
 value is refused by OmegaConf at compose time), and `validate()` checks what a
 type cannot express (ranges, combinations). Checks that need the model (family
 class, block count, batch keys) happen in the callback at fit start.
+
+`resolve(config)` turns a configuration into the family, the method, the block index and the
+objective it means; the callback, the probe and the cache precompute all start from it, and the
+family's default block is applied there only.
 """
 
 from __future__ import annotations
 
 import difflib
 from dataclasses import MISSING, dataclass, field, fields
-from enum import Enum
-from typing import Any, Callable, List, Optional
+from typing import Any, List, Optional
 
-
-class _Choice(str, Enum):
-    """A string enum whose constructor error names the option and the choices."""
-
-    @classmethod
-    def parse(cls, value: Any, option: str) -> "_Choice":
-        if isinstance(value, cls):
-            return value
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            choices = ", ".join(repr(c.value) for c in cls)
-            raise ValueError(f"`{option}` must be one of {choices}, got {value!r}") from None
-
-
-class Method(_Choice):
-    repa = "repa"  # image DiTs: one block's image tokens
-    urepa = "urepa"  # UNets: mid-block features, cosine + manifold loss
-    crepa = "crepa"  # video DiTs: per-frame tokens, neighbour frames
-
-
-class Projector(_Choice):
-    linear = "linear"  # LayerNorm(hidden) -> Linear(hidden, enc_dim)
-    mlp = "mlp"  # REPA paper: Linear-SiLU-Linear-SiLU-Linear, width projector_hidden
-    conv = "conv"  # iREPA: Conv2d on the token grid, per frame
-    identity = "identity"  # no projection (LayerSync: a deeper block of the same width as teacher)
-
-
-class Teacher(_Choice):
-    encoder = "encoder"  # frozen vision encoder on the decoded clean image
-    backbone = "backbone"  # a deeper block of the same forward, detached
-
-
-class Decoder(_Choice):
-    vae = "vae"  # the module's resident VAE (`vae_attr`)
-    tae = "tae"  # a tiny autoencoder loaded from `tae_checkpoint`
-    pixels = "pixels"  # the batch already holds clean images (`pixels_key`)
-
-
-class Cache(_Choice):
-    none = "none"
-    memory = "memory"
-    disk = "disk"
-
-
-class ManifoldScope(_Choice):
-    tokens = "tokens"  # token-pair Gram matrices within each sample (seed's form)
-    batch = "batch"  # sample-pair Gram matrix over the batch (U-REPA paper's wording)
-
-
-class DistanceUnit(_Choice):
-    latent = "latent"
-    pixel = "pixel"
-
-
-class ScheduleKind(_Choice):
-    constant = "constant"
-    linear = "linear"
-    cosine = "cosine"
-    polynomial = "polynomial"
-
-
-class ThresholdMode(_Choice):
-    permanent = "permanent"  # once the similarity EMA reaches the threshold, off for good
-    recoverable = "recoverable"  # off while the EMA is at or above the threshold
+from lightning_repa.choices import (
+    RANGES,
+    Cache,
+    Decoder,
+    DistanceUnit,
+    ManifoldScope,
+    Method,
+    Projector,
+    ScheduleKind,
+    Teacher,
+    ThresholdMode,
+    check_option,
+    require,
+)
+from lightning_repa.models.families import Family, get_family
+from lightning_repa.objectives import OBJECTIVES, Objective, build_objective
 
 
 @dataclass
@@ -87,13 +42,13 @@ class RepaConfig:
 
     # --- what to align -------------------------------------------------------
     family: Any = "flux"
-    """Model family (`lightning_repa.families.FAMILIES`). It fixes the block lists, token layout,
+    """Model family (`lightning_repa.models.families.FAMILIES`). It fixes the block lists, token layout,
     grid and method. DiTs (method repa): flux, flux2, sd3, chroma, sana, pixart, hidream,
     auraflow, lumina2, dit, flux3, qwenimage, z_image. UNets (method urepa, the mid block): sdxl,
     sd15, kolors. Video DiTs (method crepa, tokens per frame): wan, ltxvideo, sanavideo,
     kandinsky5_video, hunyuan_video15, ltx2. Or a family
     declared as data for a class the package does not ship: a `Family`, or a dict / Hydra node
-    with its block lists and token layout (`lightning_repa.families.family_from_dict`)."""
+    with its block lists and token layout (`lightning_repa.models.families.family_from_dict`)."""
     method: Optional[Method] = None
     """repa | urepa | crepa. None takes the family's own method; a method that does not fit
     the family is an error that names the right one."""
@@ -119,7 +74,7 @@ class RepaConfig:
     cknna_every_n_steps: int = 0
     """Every this many optimizer steps, log `repa/cknna`: the CKNNA (k = min(10, B - 1)) between the
     projected student tokens and the teacher tokens, each pooled per sample and L2-normalised (as
-    REPA measures it; `lightning_repa.kernel_alignment.cknna`), on the first batch of
+    REPA measures it; `lightning_repa.maths.kernel_alignment.cknna`), on the first batch of
     the validation loader (a fixed held-out batch, at the first validation run at or after each
     N steps), without gradients. 0: off. Needs a validation loop and batches of at least 4."""
     max_nonfinite_steps: int = 10
@@ -248,14 +203,13 @@ class RepaConfig:
                 setattr(self, f.name, kind.parse(value, f.name))
         for name in RANGES:
             check_option(name, getattr(self, name))
-        _require(self.align_call in ("first", "last") or callable(self.align_call), "align_call", self.align_call,
+        require(self.align_call in ("first", "last") or callable(self.align_call), "align_call", self.align_call,
                  "'first', 'last' or a predicate on the call's arguments")
-        _require(self.name is None or (isinstance(self.name, str) and self.name.strip("/ ") == self.name and self.name),
+        require(self.name is None or (isinstance(self.name, str) and self.name.strip("/ ") == self.name and self.name),
                  "name", self.name, "a non-empty name without leading or trailing '/' or spaces, or None")
         self.pixels_range = [float(v) for v in self.pixels_range]
-        _require(self.pixels_range in ([0.0, 1.0], [-1.0, 1.0]), "pixels_range", self.pixels_range, "[0, 1] or [-1, 1]")
-        family = self._family()
-        method = self.method or family.method
+        require(self.pixels_range in ([0.0, 1.0], [-1.0, 1.0]), "pixels_range", self.pixels_range, "[0, 1] or [-1, 1]")
+        family, method, block_index = _identify(self)
         if method is not family.method:
             raise ValueError(
                 f"method={method.value!r} does not fit family={family.name!r}; use method={family.method.value!r} "
@@ -267,7 +221,7 @@ class RepaConfig:
                 "`teacher=backbone` needs a deeper block of the same model, but U-REPA aligns the UNet's "
                 "mid block only; use teacher=encoder"
             )
-        self._check_teacher(family.default_block_index if self.block_index is None else self.block_index)
+        self._check_teacher(block_index)
         if self.cache is not Cache.none and self.teacher is Teacher.backbone:
             raise ValueError("`cache` keeps encoder features; teacher=backbone computes its tokens in the same "
                              "forward and has nothing to cache: use cache=none")
@@ -294,15 +248,8 @@ class RepaConfig:
         self._refuse_unused()
         return self
 
-    def _family(self) -> Any:
-        from lightning_repa.families import get_family  # families import this module
-
-        return get_family(self.family)
-
     def _check_method_options(self, method: Method) -> None:
         """An option that only another method reads is an error, not a silent no-op."""
-        from lightning_repa.objectives import OBJECTIVES  # objectives import this module
-
         for other, objective in OBJECTIVES.items():
             ignored = self.non_default(objective.options) if other is not method else []
             if ignored:
@@ -348,6 +295,17 @@ class RepaConfig:
                 raise ValueError(f"`{ignored[0]}` is only read with {needs}; remove it or set that option")
 
     @classmethod
+    def from_node(cls, node: Any) -> "RepaConfig":
+        """From a RepaConfig, a dict or an OmegaConf node (the Hydra app's `repa` node; `_target_` ignored)."""
+        if isinstance(node, RepaConfig):
+            return node.validate()
+        from omegaconf import DictConfig, OmegaConf  # ships with hydra-core
+
+        if isinstance(node, DictConfig):
+            node = OmegaConf.to_container(node, resolve=True)
+        return cls.from_options(**{k: v for k, v in dict(node).items() if k != "_target_"})
+
+    @classmethod
     def from_options(cls, **options: Any) -> "RepaConfig":
         """Like `RepaConfig(**options)`, but an unknown option names the closest valid one."""
         valid = [f.name for f in fields(cls)]
@@ -372,47 +330,27 @@ _ENUM_FIELDS = {
 }
 
 
-def _require(ok: bool, option: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"`{option}` must be {expected}, got {value!r}")
+@dataclass(frozen=True)
+class Resolved:
+    """What a configuration means for the model it aligns (see `resolve`)."""
+
+    family: Family  # block lists, token layout, grid
+    method: Method  # the family's own unless the configuration names it (and then it must fit)
+    block_index: int  # the student block: the configured one, or the family's default
+    objective: Objective  # the method's objective, configured
+    hooked_blocks: tuple[int, ...]  # the blocks to capture: the student's, and a backbone teacher's
 
 
-def _int(test: Callable[[int], bool]) -> Callable[[Any], bool]:
-    return lambda v: not isinstance(v, bool) and isinstance(v, int) and test(v)
+def _identify(config: RepaConfig) -> tuple[Family, Method, int]:
+    """The family, the method and the student block of a configuration: the one place where the
+    family's own method and default block are applied."""
+    family = get_family(config.family)
+    method = Method.parse(config.method, "method") if config.method is not None else family.method
+    return family, method, family.default_block_index if config.block_index is None else config.block_index
 
 
-def _num(test: Callable[[float], bool]) -> Callable[[Any], bool]:
-    return lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and test(v)
-
-
-# The range of every numeric option, checked here only (by `RepaConfig.validate` and by the
-# schedule classes when used on their own): option -> (test, what is expected).
-RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "lam": (_num(lambda v: v >= 0), "a weight >= 0"),
-    "block_index": (lambda v: v is None or _int(lambda i: i >= 0)(v), "an integer >= 0 (None: the family default)"),
-    "projector_hidden": (_int(lambda v: v > 0), "an integer > 0"),
-    "encoder_image_size": (_int(lambda v: v > 0), "an integer > 0"),
-    "encoder_batch_size": (_int(lambda v: v >= 0), "an integer >= 0 (0: the whole batch)"),
-    "manifold_weight": (_num(lambda v: v >= 0), ">= 0"),
-    "distance": (_int(lambda v: v >= 0), "an integer >= 0"),
-    "tau": (_num(lambda v: v > 0), "> 0"),
-    "irepa_alpha": (_num(lambda v: 0 <= v <= 1), "in [0, 1]"),
-    "irepa_kernel_size": (_int(lambda v: v > 0 and v % 2 == 1), "an odd integer > 0"),
-    "warmup_steps": (_int(lambda v: v >= 0), "an integer >= 0"),
-    "decay_steps": (_int(lambda v: v >= 0), "an integer >= 0 (0: until max_steps)"),
-    "lambda_end": (_num(lambda v: v >= 0), "a weight >= 0"),
-    "power": (_num(lambda v: v > 0), "> 0"),
-    "cutoff_step": (_int(lambda v: v >= 0), "an integer >= 0 (0: never)"),
-    "max_nonfinite_steps": (_int(lambda v: v > 0), "an integer > 0"),
-    "cknna_every_n_steps": (_int(lambda v: v >= 0), "an integer >= 0 (0: off)"),
-    "similarity_ema_decay": (_num(lambda v: 0 < v < 1), "in (0, 1)"),
-    "similarity_threshold": (
-        lambda v: v is None or _num(lambda t: -1 <= t <= 1)(v), "a cosine similarity in [-1, 1], or None (never)"
-    ),
-}
-
-
-def check_option(option: str, value: Any) -> None:
-    """Raise a ValueError naming `option` when `value` is outside its range (`RANGES`)."""
-    test, expected = RANGES[option]
-    _require(test(value), option, value, expected)
+def resolve(config: RepaConfig) -> Resolved:
+    """The family, method, block index and objective of a validated configuration."""
+    family, method, block_index = _identify(config)
+    teacher_block = (config.teacher_block_index,) if config.teacher is Teacher.backbone else ()
+    return Resolved(family, method, block_index, build_objective(method, config), (block_index, *teacher_block))

@@ -36,7 +36,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from helpers import TinyFlow, loader
 from lightning_repa import RepaCallback
-from lightning_repa.projectors import ConvProjector, LinearProjector, MLPProjector
+from lightning_repa.objectives.projectors import ConvProjector, LinearProjector, MLPProjector
 
 PROJECTORS = (LinearProjector, MLPProjector, ConvProjector)
 LOW = {"32-true": torch.float32, "bf16-true": torch.bfloat16, "bf16-mixed": torch.bfloat16, "16-true": torch.float16}

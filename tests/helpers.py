@@ -25,8 +25,8 @@ class Recorder(L.Callback):
     """Observes a RepaCallback through its public seams only (put it after the callback):
 
     - `results`: each micro-batch's `repa.last_result` (weight, loss, similarity, method terms);
-    - `inputs`: each call of `repa.objective`, as a dict with the student tokens (as handed over,
-      graph included), their grid, the teacher tokens and their grid;
+    - `inputs`: what the objective was handed for each measured micro-batch (the step's listener), as
+      a dict with the student tokens (graph included), their grid, the teacher tokens and their grid;
     - `steps`: once per optimizer step, the step, the similarity logged for it (None when no
       micro-batch measured), every logged `repa/*` value and the cutoff's EMA after it;
     - `initial`: the projector's weights at fit start.
@@ -37,13 +37,9 @@ class Recorder(L.Callback):
         self.results: list[Any] = []
         self.inputs: list[dict[str, Any]] = []
         self.steps: list[dict[str, Any]] = []
-        objective = repa.objective
-
-        def observed(student, grid_s, teacher, grid_t, projector):
-            self.inputs.append(dict(student=student, grid_s=grid_s, teacher=teacher, grid_t=grid_t))
-            return objective(student, grid_s, teacher, grid_t, projector)
-
-        repa.objective = observed
+        repa.step.listeners.append(lambda x: self.inputs.append(
+            dict(student=x.student, grid_s=x.grid_s, teacher=x.teacher.tokens, grid_t=x.teacher.grid,
+                 frames_per_latent=x.teacher.frames_per_latent)))
 
     def on_fit_start(self, trainer, pl_module):
         projector = getattr(pl_module, self.repa.projector_attr)

@@ -11,8 +11,8 @@ import yaml
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 
-import lightning_repa.hydra_config  # noqa: F401  (registers the schemas)
-from lightning_repa.train import run
+import lightning_repa.apps.hydra_config  # noqa: F401  (registers the schemas)
+from lightning_repa.apps.train import run
 
 # Two optimizer steps on batches of 8, no sample grid: about a second a run on one CPU thread.
 TINY = [

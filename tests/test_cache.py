@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader
 
 from helpers import LatentData, Recorder, TinyFlow, trainer
 from lightning_repa import RepaCallback
-from lightning_repa.cache import CachedTeacher, DiskStore, MemoryStore, StaleCacheError, fingerprint
+from lightning_repa.maths.align import TeacherTokens
+from lightning_repa.teachers.cache import CachedTeacher, DiskStore, MemoryStore, StaleCacheError, fingerprint
 
 HERE = Path(__file__).parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
@@ -127,7 +128,7 @@ def test_a_cache_made_with_other_settings_is_refused_naming_the_field(repa_optio
 KILLED_WRITER = """
 import os, signal, sys, torch
 import safetensors.torch
-from lightning_repa.cache import DiskStore
+from lightning_repa.teachers.cache import DiskStore
 
 root, where = sys.argv[1], sys.argv[2]
 save = safetensors.torch.save_file
@@ -184,7 +185,8 @@ def test_a_damaged_shard_is_skipped_with_a_warning(tmp_path):
 
 SHARER = """
 import json, pathlib, sys, time, torch
-from lightning_repa.cache import CachedTeacher, DiskStore
+from lightning_repa.maths.align import TeacherTokens
+from lightning_repa.teachers.cache import CachedTeacher, DiskStore
 
 class Slow:
     embed_dim = 3
@@ -193,7 +195,7 @@ class Slow:
     def __call__(self, batch, latents, captured=None):
         time.sleep(0.3)  # the other process asks for the same ids meanwhile
         computed.extend(batch["ids"].tolist())
-        return latents.flatten(1)[:, None, :3].expand(-1, 4, -1), (2, 2)
+        return TeacherTokens(latents.flatten(1)[:, None, :3].expand(-1, 4, -1), (2, 2))
 
 computed = []
 teacher = CachedTeacher(Slow(), DiskStore(sys.argv[1], {"run": 1}), poll=0.02)
@@ -207,7 +209,7 @@ steps = range(6) if sys.argv[3] == "0" else range(5, -1, -1)  # they meet half-w
 for step in steps:
     ids = torch.arange(4) + 2 * step  # consecutive batches overlap by two ids
     latents = torch.stack([torch.full((3, 2, 2), float(i)) for i in ids])
-    tokens, grid = teacher({"ids": ids}, latents)
+    tokens = teacher({"ids": ids}, latents).tokens
     out[step] = tokens[:, 0, 0].tolist()
 json.dump({"computed": computed, "out": out, "hits": teacher.hits, "misses": teacher.misses}, open(sys.argv[2], "w"))
 """
@@ -261,11 +263,11 @@ class PixelTeacher:
 
     def __call__(self, batch, latents, captured=None):
         self.computed += batch["pixels"].shape[0]
-        return batch["pixels"].flatten(1)[:, :12].unflatten(1, (4, 3)), (2, 2)
+        return TeacherTokens(batch["pixels"].flatten(1)[:, :12].unflatten(1, (4, 3)), (2, 2))
 
 
 def test_a_sample_that_comes_back_flipped_is_refused_unless_views_are_keyed():
-    pixels = torch.rand(2, 3, 8, 8)
+    pixels = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     batch = {"ids": torch.tensor([0, 1]), "pixels": pixels}
     flipped = {**batch, "pixels": pixels.flip(-1)}
     latents = torch.zeros(2, 4, 2, 2)
@@ -278,13 +280,13 @@ def test_a_sample_that_comes_back_flipped_is_refused_unless_views_are_keyed():
     plain = PixelTeacher()
     for _ in range(2):  # two epochs
         for b, flip in ((batch, 0), (flipped, 1)):
-            tokens, _ = keyed({**b, "flip": torch.tensor([flip, flip])}, latents)
-            torch.testing.assert_close(tokens, plain(b, latents)[0].half().float(), rtol=0, atol=0)
+            tokens = keyed({**b, "flip": torch.tensor([flip, flip])}, latents).tokens
+            torch.testing.assert_close(tokens, plain(b, latents).tokens.half().float(), rtol=0, atol=0)
     assert keyed.teacher.computed == 4 and keyed.hits == 4, "each (id, view) computed once"
     both = {"ids": torch.tensor([0, 0]), "pixels": torch.stack([pixels[0], pixels[0].flip(-1)]),
             "flip": torch.tensor([0, 1])}  # two views of one id in one batch
-    tokens, _ = keyed(both, latents)
-    torch.testing.assert_close(tokens, plain(both, latents)[0].half().float(), rtol=0, atol=0)
+    tokens = keyed(both, latents).tokens
+    torch.testing.assert_close(tokens, plain(both, latents).tokens.half().float(), rtol=0, atol=0)
     assert keyed.teacher.computed == 4, "both views were cached already"
     with pytest.raises(ValueError, match=r"one view id per sample \(2\), distinct for samples of one id"):
         keyed({**both, "flip": torch.tensor([1, 1])}, latents)
@@ -293,7 +295,7 @@ def test_a_sample_that_comes_back_flipped_is_refused_unless_views_are_keyed():
 def test_fingerprints_separate_flips_and_crops_but_not_rounding():
     x = torch.randn(3, 4, 16, 16)
     base = fingerprint(x)
-    from lightning_repa.cache import same_sample
+    from lightning_repa.teachers.cache import same_sample
 
     assert same_sample(base, fingerprint(x.half())).all()
     assert not same_sample(base, fingerprint(x.flip(-1))).any()

@@ -10,7 +10,7 @@ import torch
 
 from helpers import Recorder, TinyVideoFlow, VideoData, trainer, video_loader
 from lightning_repa import RepaCallback
-from lightning_repa.align import teacher_frames
+from lightning_repa.maths.align import teacher_frames
 from lightning_repa.testing.tiny_video_models import TINY_VIDEO_FAMILIES, normalize_latents, tiny_video_vae
 
 VIDEO = ("wan", "ltxvideo", "sanavideo", "kandinsky5_video")  # hunyuan_video15, ltx2: tests/test_frontier_families.py
@@ -99,7 +99,7 @@ def test_real_video_vae_frames_map_to_latent_frames(family, pixel_frames, picked
     repa = RepaCallback(family=family, block_index=1, **{**repa_options, "decoder": "vae"})
     record = Recorder(repa)
     trainer(1, [repa, record]).fit(module, torch.utils.data.DataLoader(data, batch_size=2))
-    assert teacher_frames(3, pixel_frames) == picked and repa.teacher.temporal_ratio == picked[1]
+    assert teacher_frames(3, pixel_frames) == picked and record.inputs[0]["frames_per_latent"] == picked[1]
     decoded = repa.teacher.images({}, data.latents)  # (B, F, 3, H, W)
     assert decoded.shape == (2, pixel_frames, 3, 16, 32)
     for t, f in enumerate(picked):
@@ -139,8 +139,10 @@ def test_distance_in_pixel_frames_uses_the_vae_compression(repa_options):
     data = _EncodedClips(module.vae, 9)
     repa = RepaCallback(family="wan", block_index=1, distance=4, distance_unit="pixel",
                         **{**repa_options, "decoder": "vae", "drop_vae_encoder": True})
-    trainer(1, [repa]).fit(module, torch.utils.data.DataLoader(data, batch_size=2))
-    assert repa.objective.temporal_ratio == 4 and repa.objective.latent_distance() == 1
+    record = Recorder(repa)
+    trainer(1, [repa, record]).fit(module, torch.utils.data.DataLoader(data, batch_size=2))
+    ratio = record.inputs[0]["frames_per_latent"]
+    assert ratio == 4 and repa.objective.latent_distance(ratio) == 1
     assert module.vae.encoder is None  # drop_vae_encoder freed the video VAE's encoder; decoding still works
     with pytest.raises(ValueError, match=r"teacher=backbone sees no pixel frames"):
         RepaCallback(family="wan", teacher="backbone", teacher_block_index=9, distance_unit="pixel")
@@ -161,7 +163,7 @@ def test_video_errors_name_the_fix(repa_options):
 def test_kandinsky_fractal_order_is_refused():
     """Kandinsky 5's nabla attention (sparse_params["to_fractal"]) tiles each frame's tokens 8x8: the
     family's selector refuses it, with the fix, instead of misreading the frames."""
-    from lightning_repa.families import FAMILIES
+    from lightning_repa.models.families import FAMILIES
 
     select = FAMILIES["kandinsky5_video"].blocks[0].select
     x = torch.randn(1, 3 * 8 * 8, 4)
@@ -179,7 +181,7 @@ def test_data_shapes():
 def test_video_latents_are_denormalised_as_each_pipeline_does(family):
     """decoders' training-space -> VAE-space transform equals the pipelines' (tiny_video_models
     writes each pipeline's formula out, with its file and line)."""
-    from lightning_repa.decoders import to_raw_latents
+    from lightning_repa.teachers.decoders import to_raw_latents
     from lightning_repa.testing.tiny_video_models import denormalize_latents
 
     vae = tiny_video_vae(family)
@@ -193,7 +195,7 @@ def test_demo_video_experiment_runs_at_a_tiny_size(tmp_path):
     """`experiment=demo_video`: CREPA on the digit clips with a tiny Wan DiT towards the shipped teacher."""
     from hydra import compose, initialize_config_module
 
-    from lightning_repa.train import run
+    from lightning_repa.apps.train import run
 
     overrides = ["experiment=demo_video", "trainer.max_steps=2", "repa.warmup_steps=1", "data.batch_size=4",
                  "checkpoint.every_n_train_steps=2",

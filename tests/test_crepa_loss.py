@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from lightning_repa.losses import crepa_scores
+from lightning_repa.maths.align import TeacherTokens
 from lightning_repa.objectives.crepa import CRepaObjective
-from lightning_repa.projectors import ConvProjector, LinearProjector
+from lightning_repa.objectives.projectors import ConvProjector, LinearProjector
 
 HIDDEN, DIM = 8, 5
 ATOL = 2e-5
@@ -155,7 +156,7 @@ def test_crepa_objective_loss_matches_spec_loops(distance, cumulative, normalize
     teacher = _tokens(B, T, grid[0] * grid[1], DIM, seed=2)
     obj = CRepaObjective(distance=distance, tau=tau, cumulative=cumulative,
                          normalize_neighbours=normalize_neighbours, normalize_by_frames=normalize_by_frames)
-    result = obj(student, grid, teacher, grid, proj)
+    result = obj(student, grid, TeacherTokens(teacher, grid), proj)
 
     p = _project_linear_by_hand(proj, student)
     want = _objective_reference(p, teacher, distance, tau, cumulative, normalize_neighbours, normalize_by_frames)
@@ -175,14 +176,14 @@ def test_crepa_objective_loss_with_resampling_to_teacher_grid(grid_s, grid_t, no
     student = _tokens(B, T, grid_s[0] * grid_s[1], HIDDEN, seed=4)
     teacher = _tokens(B, T, grid_t[0] * grid_t[1], DIM, seed=5)
     obj = CRepaObjective(distance=2, tau=0.5, cumulative=True, normalize_neighbours=normalize_neighbours)
-    result = obj(student, grid_s, teacher, grid_t, proj)
+    result = obj(student, grid_s, TeacherTokens(teacher, grid_t), proj)
 
     p = _resample_by_hand(_project_linear_by_hand(proj, student), grid_s, grid_t)
     want = _objective_reference(p, teacher, 2, 0.5, True, normalize_neighbours, True)
     _check(result, *want)
 
     # the aligned tokens themselves: (B, T, M, D) on the teacher grid
-    p_got, f_got = obj.align(student, grid_s, teacher, grid_t, proj)
+    p_got, f_got = obj.align(student, grid_s, TeacherTokens(teacher, grid_t), proj)
     assert p_got.shape == (B, T, grid_t[0] * grid_t[1], DIM) and f_got.shape == p_got.shape
     _assert_close(p_got.double(), p, atol=ATOL, rtol=0)
 
@@ -230,13 +231,13 @@ def test_identical_unit_frames_through_objective():
     student = _tokens(1, 1, 1, HIDDEN, seed=9).expand(1, 4, 4, HIDDEN).clone()  # all tokens of all frames equal
     teacher = _project_linear_by_hand(proj, student).float()
     e = math.exp(-1.0)
-    res = CRepaObjective(distance=1, tau=1.0)(student, (2, 2), teacher, (2, 2), proj)
+    res = CRepaObjective(distance=1, tau=1.0)(student, (2, 2), TeacherTokens(teacher, (2, 2)), proj)
     assert float(res.terms["score"]) == pytest.approx(1 + 1.5 * e, abs=ATOL)
     assert float(res.loss.detach()) == pytest.approx(-(1 + 1.5 * e), abs=ATOL)
     assert float(res.similarity) == pytest.approx(1.0, abs=ATOL)
-    res_sum = CRepaObjective(distance=1, tau=1.0, normalize_by_frames=False)(student, (2, 2), teacher, (2, 2), proj)
+    res_sum = CRepaObjective(distance=1, tau=1.0, normalize_by_frames=False)(student, (2, 2), TeacherTokens(teacher, (2, 2)), proj)
     assert float(res_sum.terms["score"]) == pytest.approx(4 + 6 * e, abs=ATOL)
-    res_n = CRepaObjective(distance=1, tau=1.0, normalize_neighbours=True)(student, (2, 2), teacher, (2, 2), proj)
+    res_n = CRepaObjective(distance=1, tau=1.0, normalize_neighbours=True)(student, (2, 2), TeacherTokens(teacher, (2, 2)), proj)
     assert float(res_n.terms["score"]) == pytest.approx(1.0, abs=ATOL)
 
 
@@ -299,7 +300,7 @@ def test_spatial_align_false_pools_one_token_per_frame_on_both_sides():
     teacher = _tokens(B, T, 9, DIM, seed=12)
     obj = CRepaObjective(distance=1, tau=0.5, normalize_neighbours=True, spatial_align=False)
 
-    p_got, f_got = obj.align(student, grid_s, teacher, grid_t, proj)
+    p_got, f_got = obj.align(student, grid_s, TeacherTokens(teacher, grid_t), proj)
     assert p_got.shape == (B, T, 1, DIM) and f_got.shape == (B, T, 1, DIM)
 
     projected = _project_linear_by_hand(proj, student)  # pooled after projection
@@ -314,7 +315,7 @@ def test_spatial_align_false_pools_one_token_per_frame_on_both_sides():
     _assert_close(p_got.double(), p_ref, atol=ATOL, rtol=0)
     _assert_close(f_got.double(), f_ref, atol=ATOL, rtol=0)
 
-    result = obj(student, grid_s, teacher, grid_t, proj)
+    result = obj(student, grid_s, TeacherTokens(teacher, grid_t), proj)
     _check(result, *_objective_reference(p_ref, f_ref, 1, 0.5, False, True, True))
 
 
@@ -345,18 +346,18 @@ def test_irepa_zscores_the_teacher_per_frame():
     obj = CRepaObjective(distance=1, tau=1.0, cumulative=False, normalize_neighbours=True, irepa_alpha=0.6)
 
     f_ref = _zscore_by_loops(teacher, 0.6)
-    _, f_got = obj.align(student, grid, teacher, grid, proj)
+    _, f_got = obj.align(student, grid, TeacherTokens(teacher, grid), proj)
     _assert_close(f_got.double(), f_ref, atol=1e-4, rtol=1e-5)
 
     # changing one teacher frame changes the normalised teacher of that frame only
     teacher2 = teacher.clone()
     teacher2[:, 1] = teacher2[:, 1] * 5.0 + 2.0 + _tokens(B, 6, DIM, seed=16)
-    _, f_got2 = obj.align(student, grid, teacher2, grid, proj)
+    _, f_got2 = obj.align(student, grid, TeacherTokens(teacher2, grid), proj)
     _assert_close(f_got2[:, 0], f_got[:, 0])
     _assert_close(f_got2[:, 2], f_got[:, 2])
     assert not torch.allclose(f_got2[:, 1], f_got[:, 1])
 
-    result = obj(student, grid, teacher, grid, proj)
+    result = obj(student, grid, TeacherTokens(teacher, grid), proj)
     want = _objective_reference(_project_linear_by_hand(proj, student), f_ref, 1, 1.0, False, True, True)
     _check(result, *want)
 
@@ -402,7 +403,7 @@ def test_crepa_objective_with_conv_projector_and_irepa():
     student = _tokens(B, T, 16, HIDDEN, seed=21)
     teacher = _tokens(B, T, 4, DIM, seed=22)
     obj = CRepaObjective(distance=1, tau=1.0, cumulative=True, normalize_neighbours=True, irepa_alpha=0.6)
-    result = obj(student, grid_s, teacher, grid_t, proj)
+    result = obj(student, grid_s, TeacherTokens(teacher, grid_t), proj)
     p = _resample_by_hand(_conv_by_hand(proj, student, grid_s), grid_s, grid_t)
     _check(result, *_objective_reference(p, _zscore_by_loops(teacher, 0.6), 1, 1.0, True, True, True))
 
@@ -421,7 +422,7 @@ def test_single_frame_clamps_distance_to_zero(distance, cumulative, normalize_ne
     proj = _seeded_linear(seed=25)
     student = _tokens(3, 1, 4, HIDDEN, seed=26)
     obj = CRepaObjective(distance=distance, cumulative=cumulative, normalize_neighbours=normalize_neighbours)
-    result = obj(student, (2, 2), f, (2, 2), proj)
+    result = obj(student, (2, 2), TeacherTokens(f, (2, 2)), proj)
     loss, sim, sc = _objective_reference(_project_linear_by_hand(proj, student), f, 0, 1.0, False, False, True)
     _check(result, loss, sim, sc)
     assert float(result.loss.detach()) == pytest.approx(-float(result.similarity), abs=1e-6)
@@ -432,7 +433,7 @@ def test_student_tokens_must_be_4d(shape):
     proj = _seeded_linear()
     teacher = _tokens(2, 3, 4, DIM, seed=27)
     with pytest.raises(ValueError, match=r"\(B, T, N, hidden\)"):
-        CRepaObjective()(torch.randn(*shape), (2, 2), teacher, (2, 2), proj)
+        CRepaObjective()(torch.randn(*shape), (2, 2), TeacherTokens(teacher, (2, 2)), proj)
 
 
 def test_crepa_scores_rejects_non_video_and_mismatched_tokens():
@@ -442,4 +443,4 @@ def test_crepa_scores_rejects_non_video_and_mismatched_tokens():
         crepa_scores(torch.randn(2, 4, 3, 5), torch.randn(2, 3, 3, 5))
     # student and teacher with different frame counts through the objective
     with pytest.raises(ValueError, match="same shape"):
-        CRepaObjective()(torch.randn(2, 4, 4, HIDDEN), (2, 2), torch.randn(2, 3, 4, DIM), (2, 2), _seeded_linear())
+        CRepaObjective()(torch.randn(2, 4, 4, HIDDEN), (2, 2), TeacherTokens(torch.randn(2, 3, 4, DIM), (2, 2)), _seeded_linear())

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from helpers import LatentData, Recorder, TinyFlow, loader, trainer
 from lightning_repa import RepaCallback
-from lightning_repa.families import BlockList, Family, family_from_dict
+from lightning_repa.models.families import BlockList, Family, family_from_dict
 
 COGVIEW4 = {"name": "cogview4", "classes": ["CogView4Transformer2DModel"],
             "blocks": [{"attr": "transformer_blocks", "output": 0}], "default_block_index": 8}

@@ -11,7 +11,7 @@ from PIL import Image
 from helpers import TinyFlow, loader, trainer
 from lightning_repa import RepaCallback
 from lightning_repa.config import Decoder
-from lightning_repa.decoders import (
+from lightning_repa.teachers.decoders import (
     LatentDecoder,
     flux2_from_raw,
     load_tiny_decoder,
@@ -20,7 +20,7 @@ from lightning_repa.decoders import (
     to_raw_latents,
     unpatchify_2x2,
 )
-from lightning_repa.taef2 import load_tae
+from lightning_repa.teachers.taef2 import load_tae
 
 
 def _tiny_kl(**config) -> AutoencoderKL:
@@ -127,14 +127,15 @@ def test_callback_decodes_with_the_module_vae(repa_options):
     module = _WithVAE()
     options = {**repa_options, "decoder": "vae", "drop_vae_encoder": True}
     repa = RepaCallback(family="sd3", block_index=1, **options)
-    trainer(2, [repa]).fit(module, loader("sd3"))
+    fit = trainer(2, [repa])
+    fit.fit(module, loader("sd3"))
     assert module.vae.encoder is None and module.vae.quant_conv is None
     batch = next(iter(loader("sd3")))
     images = repa.teacher.images(batch, batch["latents"])
     want = ((module.vae.decode(batch["latents"] / 1.7 + 0.3).sample + 1) / 2).clamp(0, 1)
     torch.testing.assert_close(images, want)
     assert images.shape == (2, 3, 16, 32)
-    assert "repa/similarity" in repa._trainer.callback_metrics
+    assert "repa/similarity" in fit.callback_metrics
 
 
 class _Flux2WithTAE(TinyFlow):
@@ -155,10 +156,11 @@ def test_flux2_callback_with_decoder_tae_sees_the_photo(assets, repa_options):
     data = [{"latents": latents[i], "ids": i} for i in range(2)]
     options = {**repa_options, "decoder": "tae", "tae_checkpoint": str(assets / "taesd" / "taef2_decoder.pth")}
     repa = RepaCallback(family="flux2", block_index=3, **options)
-    trainer(2, [repa]).fit(module, torch.utils.data.DataLoader(data, batch_size=2))
+    fit = trainer(2, [repa])
+    fit.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
     images = repa.teacher.images({"latents": latents}, latents)
     assert all(_psnr(images[i], photo[i]) > 25 for i in range(2))
-    assert "repa/similarity" in repa._trainer.callback_metrics
+    assert "repa/similarity" in fit.callback_metrics
 
 
 def _tiny_autoencoder_tiny(tmp_path, **config):
@@ -219,7 +221,7 @@ def test_drop_vae_encoder_happens_before_the_optimizer_and_survives_resume(tmp_p
 
 
 def test_a_checkpoint_with_the_vae_encoder_loads_after_the_drop():
-    from lightning_repa.decoders import drop_vae_encoder
+    from lightning_repa.teachers.decoders import drop_vae_encoder
 
     full = _WithVAE()
     state = full.state_dict()

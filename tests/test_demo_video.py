@@ -9,7 +9,7 @@ import torch
 from hydra import compose, initialize_config_module
 from PIL import Image
 
-import lightning_repa.hydra_config  # noqa: F401  (registers the schemas)
+import lightning_repa.apps.hydra_config  # noqa: F401  (registers the schemas)
 from lightning_repa import RepaCallback
 from lightning_repa.demo.clips import DigitClipsDataModule, clip_directions, make_clips
 from lightning_repa.demo.data import load_digit_images

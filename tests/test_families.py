@@ -1,7 +1,7 @@
 """REPA on every image-DiT family, with the real diffusers classes at tiny sizes.
 
 The image-stream reference below is written from the diffusers 0.42 source, independently of
-`lightning_repa.families`: it slices by the *text* length where the package slices by the
+`lightning_repa.models.families`: it slices by the *text* length where the package slices by the
 image-token count, and it hooks the block objects by attribute path.
 """
 
@@ -17,7 +17,7 @@ from helpers import Recorder, TinyFlow, loader, trainer
 from lightning_repa import FAMILIES as ALL_FAMILIES
 from lightning_repa import RepaCallback
 from lightning_repa.config import Method
-from lightning_repa.capture import BlockCapture
+from lightning_repa.models.capture import BlockCapture
 from lightning_repa.testing.tiny_models import TEXT_LEN, TINY_FAMILIES
 
 NEWER = ("dit", "flux3", "qwenimage", "z_image")  # tests/test_frontier_families.py
@@ -127,7 +127,8 @@ def test_family_trains_with_repa(family: str, repa_options: dict):
     repa = RepaCallback(family=family, block_index=n_blocks - 1, lam=1.0, **repa_options)
     record, ref, grads = Recorder(repa), _Reference(attr, REFERENCE[family][attr]), _Grads()
     L.seed_everything(0)
-    trainer(3, [repa, record, ref, grads]).fit(model, loader(family))
+    fit = trainer(3, [repa, record, ref, grads])
+    fit.fit(model, loader(family))
 
     projector = model.repa_projector
     captured = [inputs["student"].detach() for inputs in record.inputs]  # what the projector was fed
@@ -151,7 +152,7 @@ def test_family_trains_with_repa(family: str, repa_options: dict):
     for n in untouched:  # the alignment loss cannot reach what comes after the hooked block
         torch.testing.assert_close(grads.grads[n], plain_grads.grads[n])
 
-    metrics = repa._trainer.callback_metrics
+    metrics = fit.callback_metrics
     for key in ("repa/loss", "repa/similarity", "repa/weight", "repa/similarity_ema"):
         assert key in metrics, key
     assert -1.0 <= float(metrics["repa/similarity"]) <= 1.0

@@ -1,4 +1,4 @@
-"""Six more families on the real diffusers 0.42.1 classes at tiny sizes, in `lightning_repa.families`: dit, flux3, qwenimage, z_image (REPA, images) and hunyuan_video15, ltx2
+"""Six more families on the real diffusers 0.42.1 classes at tiny sizes, in `lightning_repa.models.families`: dit, flux3, qwenimage, z_image (REPA, images) and hunyuan_video15, ltx2
 (CREPA, video).
 
 `PROPOSED` holds the shipped family entries of lightning_repa/families.py (selectors in
@@ -33,10 +33,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from lightning_repa.capture import BlockCapture
-from lightning_repa.decoders import to_raw_latents
-from lightning_repa.families import FAMILIES, Family, call_arguments
-from lightning_repa.selectors import Z_IMAGE_SEQ_MULTIPLE, _z_image_layers, _z_image_refiner
+from lightning_repa.models.capture import BlockCapture
+from lightning_repa.teachers.decoders import to_raw_latents
+from lightning_repa.models.families import FAMILIES, Family, call_arguments
+from lightning_repa.models.selectors import Z_IMAGE_SEQ_MULTIPLE, _z_image_layers, _z_image_refiner
 from lightning_repa.testing.tiny_models import FLUX3_REFERENCE_GRID, TEXT_LEN, TINY_FAMILIES, pack2x2
 from lightning_repa.testing.tiny_video_models import (
     TINY_VIDEO_FAMILIES,

@@ -18,11 +18,11 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 import lightning_repa
-import lightning_repa.hydra_config  # noqa: F401  (registers the schemas)
+import lightning_repa.apps.hydra_config  # noqa: F401  (registers the schemas)
 from lightning_repa import RepaCallback
 from lightning_repa.config import ScheduleKind, Teacher, ThresholdMode
-from lightning_repa.families import FAMILIES
-from lightning_repa.train import run
+from lightning_repa.models.families import FAMILIES
+from lightning_repa.apps.train import run
 
 CONF = Path(lightning_repa.__file__).parent / "conf"
 GROUPS = ("family", "encoder", "schedule", "decoder", "trainer", "logger", "experiment", "data", "model")
@@ -274,7 +274,7 @@ def test_required_values_of_own_config_files_are_named(tmp_path):
 
 
 def test_a_family_typo_is_refused_before_anything_is_built(tmp_path, monkeypatch):
-    import lightning_repa.train as train
+    import lightning_repa.apps.train as train
 
     built = []
     monkeypatch.setattr(train, "instantiate", lambda node, **kw: built.append(node._target_))
@@ -305,7 +305,7 @@ def _script_env() -> dict[str, str]:
 
 def _console_script() -> list[str]:
     script = shutil.which("lightning-repa-train")
-    return [script] if script else [sys.executable, "-m", "lightning_repa.train"]
+    return [script] if script else [sys.executable, "-m", "lightning_repa.apps.train"]
 
 
 def _read_csv(path: Path) -> dict[int, dict[str, float]]:
@@ -375,7 +375,7 @@ def test_resume_continues_the_step_count_and_the_schedule(tmp_path):
 def test_multirun_sweeps_one_run_per_value(tmp_path):
     sweep = tmp_path / "sweep"
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_repa.train", "--multirun", "experiment=demo", "repa.lam=0.25,0.5",
+        [sys.executable, "-m", "lightning_repa.apps.train", "--multirun", "experiment=demo", "repa.lam=0.25,0.5",
          "logger=csv", "sample.enabled=false", *TINY[1:], "trainer.max_steps=2", f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path, env=_script_env(), capture_output=True, text=True, timeout=600,
     )

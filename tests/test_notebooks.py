@@ -47,7 +47,7 @@ def test_quickstart_trains_with_repa_and_plots(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_family_tour_covers_every_family(tmp_path, monkeypatch):
-    from lightning_repa.families import FAMILIES
+    from lightning_repa.models.families import FAMILIES
 
     nb = _execute("family_tour.ipynb", tmp_path, monkeypatch)
     text = _text(nb)

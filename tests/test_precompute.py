@@ -12,13 +12,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-import lightning_repa.hydra_config  # noqa: F401  (registers the schemas)
-from lightning_repa import precompute as app
-from lightning_repa.cache import CachedTeacher, DiskStore
+import lightning_repa.apps.hydra_config  # noqa: F401  (registers the schemas)
+from lightning_repa.apps import precompute as app
+from lightning_repa.teachers.cache import CachedTeacher, DiskStore
 from lightning_repa.demo import DigitsDataModule
 from lightning_repa.encoders import load_encoder
-from lightning_repa.hydra_config import demo_teacher_checkpoint
-from lightning_repa.train import run as train
+from lightning_repa.apps.hydra_config import demo_teacher_checkpoint
+from lightning_repa.apps.train import run as train
 
 TRAIN_SAMPLES = 1617  # the demo's training digits: 25 batches of 64 and one of 17
 
@@ -101,7 +101,7 @@ def test_the_app_needs_a_cache_dir_and_a_known_split(tmp_path):
 
 @pytest.mark.slow
 def test_the_console_script_runs(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lightning_repa.precompute", "experiment=demo",
+    proc = subprocess.run([sys.executable, "-m", "lightning_repa.apps.precompute", "experiment=demo",
                            f"repa.cache_dir={tmp_path / 'cache'}", "precompute.split=val",
                            f"hydra.run.dir={tmp_path / 'out'}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

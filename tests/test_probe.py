@@ -20,8 +20,9 @@ import lightning_repa.demo  # noqa: F401  (registers the digits teacher with tim
 from lightning_repa.demo import DigitsDataModule, FlowMatchingDiT, FlowMatchingUNet, teacher_checkpoint_path
 from lightning_repa.demo.teacher import TEACHER_NAME
 from lightning_repa.encoders import load_encoder
-from lightning_repa.kernel_alignment import cknna, linear_cka
-from lightning_repa.probe import probe, run, suggest_block
+from lightning_repa.maths.kernel_alignment import cknna, linear_cka
+from lightning_repa.apps.probe import run
+from lightning_repa.diagnostics.probe import probe, suggest_block
 
 LEVELS = (0.3, 0.8)
 
@@ -186,9 +187,9 @@ def test_app_reads_a_training_checkpoint(tmp_path, capsys):
     state = {**trained.state_dict(), "repa_projector.body.0.weight": torch.ones(3)}  # the callback's projector
     ckpt = tmp_path / "last.ckpt"
     torch.save({"state_dict": state, "hyper_parameters": dict(trained.hparams), "global_step": 400}, ckpt)
-    common = [*TINY[1:], f"paths.output_dir={tmp_path / 'out'}"]
+    common = [*TINY[1:], "repa.block_index=1", f"paths.output_dir={tmp_path / 'out'}"]
     result = run(_compose(*common, f"ckpt_path={ckpt}"))
-    fresh = run(_compose(*TINY[1:], "model.num_layers=2", f"paths.output_dir={tmp_path / 'fresh'}"))
+    fresh = run(_compose(*TINY[1:], "model.num_layers=2", "repa.block_index=1", f"paths.output_dir={tmp_path / 'fresh'}"))
     assert result["num_blocks"] == 2 and result["checkpoint"] == str(ckpt)
     assert json.loads(Path(result["files"]["json"]).read_text())["checkpoint"] == str(ckpt)
     assert result["blocks"] != fresh["blocks"]  # other weights, other features
@@ -210,7 +211,7 @@ def test_app_refuses_a_decoding_teacher(tmp_path):
 @pytest.mark.slow
 def test_console_script_from_any_directory(tmp_path):
     script = shutil.which("lightning-repa-probe")
-    command = [script] if script else [sys.executable, "-m", "lightning_repa.probe"]
+    command = [script] if script else [sys.executable, "-m", "lightning_repa.diagnostics.probe"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
     proc = subprocess.run([*command, *TINY, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_repa.projectors import ConvProjector, LinearProjector, MLPProjector, build_projector
+from lightning_repa.objectives.projectors import ConvProjector, LinearProjector, MLPProjector, build_projector
 
 
 def test_linear_projector_is_layernorm_then_linear():

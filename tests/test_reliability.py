@@ -3,6 +3,7 @@ several teachers, several denoiser calls, wrapped denoisers, failed fits, short 
 
 from __future__ import annotations
 
+import csv as csv_module
 import functools
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from helpers import LatentData, Recorder, TinyFlow, loader, trainer
 from lightning_repa import RepaCallback
+from lightning_repa.encoders import load_encoder
 
 UNET_HW = (16, 32)
 
@@ -271,7 +273,7 @@ def test_wrapped_denoisers_are_unwrapped(wrap, repa_options):
     repa = RepaCallback(family="sd3", block_index=1, **repa_options)
     record = Recorder(repa)
     trainer(2, [repa, record]).fit(module, loader("sd3"))
-    assert repa._capture.denoiser is inner and len(record.inputs) == 2
+    assert repa.denoiser is inner and len(record.inputs) == 2
     assert all(not torch.equal(v, record.initial[k]) for k, v in module.repa_projector.state_dict().items())
 
 
@@ -294,20 +296,20 @@ def test_a_failed_fit_leaves_the_module_as_it_was(repa_options):
     assert module.repa_projector.out_dim == 32
 
 
-def test_a_run_shorter_than_the_logging_interval_still_logs_its_final_values(tmp_path, repa_options, monkeypatch):
-    from lightning.pytorch.loggers import WandbLogger
-
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    wandb = WandbLogger(project="lightning-repa-test", save_dir=str(tmp_path), offline=True)
-    csv = CSVLogger(tmp_path, name="csv")
-    repa = RepaCallback(family="sd3", block_index=1, **repa_options)
-    t = trainer(3, [repa], logger=[wandb, csv], log_every_n_steps=50)
-    t.fit(TinyFlow("sd3"), loader("sd3"))
-    summary = dict(wandb.experiment.summary)
-    wandb.experiment.finish()
-    assert summary["repa/similarity"] == pytest.approx(float(t.callback_metrics["repa/similarity"]))
-    rows = (Path(csv.log_dir) / "metrics.csv").read_text().splitlines()
-    assert "repa/similarity" in rows[0] and len(rows) == 2 and rows[1].split(",")[rows[0].split(",").index("step")] == "2"
+def test_repa_values_reach_the_loggers_as_lightning_decides_for_the_modules_own(tmp_path, repa_options):
+    """`repa/*` goes through `pl_module.log`: every step into `callback_metrics`, and into the loggers on the
+    steps Lightning writes (every `log_every_n_steps`), exactly like the module's own `train/loss`."""
+    for every, steps in ((2, 5), (50, 3)):
+        csv = CSVLogger(tmp_path, name=f"csv{every}")
+        repa = RepaCallback(family="sd3", block_index=1, **repa_options)
+        t = trainer(steps, [repa], logger=[csv], log_every_n_steps=every)
+        t.fit(TinyFlow("sd3"), loader("sd3", n=12))
+        assert float(t.callback_metrics["repa/similarity"]) == pytest.approx(float(repa.last_result.similarity))
+        path = Path(csv.log_dir) / "metrics.csv"
+        rows = list(csv_module.DictReader(path.open())) if path.exists() else []
+        repa_steps = [r["step"] for r in rows if r.get("repa/similarity")]
+        own_steps = [r["step"] for r in rows if r.get("train/loss")]
+        assert repa_steps == own_steps and len(repa_steps) == steps // every
 
 
 class _Validates(TinyFlow):
@@ -320,7 +322,7 @@ class _Validates(TinyFlow):
 def test_cknna_on_a_held_out_batch_every_n_steps(repa_options):
     """`cknna_every_n_steps`: the CKNNA of the pooled projected tokens vs the pooled teacher tokens of the
     first validation batch, equal to the formula on the tokens the objective aligns."""
-    from lightning_repa.kernel_alignment import cknna
+    from lightning_repa.maths.kernel_alignment import cknna
 
     repa = RepaCallback(family="sd3", block_index=1, cknna_every_n_steps=2, **repa_options)
     logged = []
@@ -337,11 +339,15 @@ def test_cknna_on_a_held_out_batch_every_n_steps(repa_options):
     batch = next(iter(loader("sd3", n=8, batch_size=8)))
     student = []
     h = module.transformer.transformer_blocks[1].register_forward_hook(lambda m, a, o: student.append(o[1]))
-    with torch.no_grad():
+    encoder = load_encoder("dinov2_vits14", image_size=56, checkpoint=repa_options["encoder_checkpoint"])
+    with torch.no_grad():  # the expected value from the encoder, the projector and torch alone
         x0 = batch["latents"]
         module.fam.forward(module.transformer, x0, torch.full((8,), 0.5), module.fam.make_cond(8))
-        teacher, grid_t = repa.teacher(batch, batch["latents"], None)
-        p, f = repa.objective.align(student[0], (4, 8), teacher, grid_t, module.repa_projector)
+        f = encoder(batch["pixels"])  # (B, M, D)
+        gh, gw = encoder.grid_for(*batch["pixels"].shape[-2:])
+        p = module.repa_projector(student[0], (4, 8))  # (B, 32, D) on the 4x8 student grid
+        p = torch.nn.functional.interpolate(p.transpose(1, 2).reshape(8, -1, 4, 8), size=(gh, gw), mode="bilinear",
+                                            align_corners=False, antialias=gh < 4 or gw < 8).flatten(2).transpose(1, 2)
     h.remove()
     unit = lambda x: x / x.norm(dim=-1, keepdim=True)
     assert logged[-1][1] == pytest.approx(cknna(unit(p.mean(1)), unit(f.mean(1)), k=7), abs=1e-6)

@@ -1,4 +1,4 @@
-"""Tests for lightning_repa.taef2 with the real pretrained TAEF2 / TAESANA weights."""
+"""Tests for lightning_repa.teachers.taef2 with the real pretrained TAEF2 / TAESANA weights."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from PIL import Image
 
 from torch import nn
 
-from lightning_repa.taef2 import (
+from lightning_repa.teachers.taef2 import (
     _blocks,
     _conv,
     _down,

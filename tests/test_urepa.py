@@ -175,7 +175,7 @@ def test_demo_unet_experiment_runs_at_a_tiny_size(tmp_path):
     """`experiment=demo_unet`: U-REPA on the digits UNet towards the shipped teacher, a few steps."""
     from hydra import compose, initialize_config_module
 
-    from lightning_repa.train import run
+    from lightning_repa.apps.train import run
 
     overrides = ["experiment=demo_unet", "trainer.max_steps=3", "data.batch_size=8", "checkpoint.every_n_train_steps=3",
                  "trainer.log_every_n_steps=1", "sample.per_class=1", "sample.steps=2", "logger=csv",

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from helpers import Recorder, TinyFlow, loader, trainer
 from lightning_repa import RepaCallback
-from lightning_repa.teacher import BackboneTeacher
+from lightning_repa.teachers import BackboneTeacher
 
 
 def _one_step(family: str, options: dict[str, Any]) -> tuple[RepaCallback, Recorder, TinyFlow]:

@@ -1,7 +1,7 @@
 """What every alignment objective shares (SPEC sections 5 and 6.4): pure tensor maths, no Lightning.
 
-An objective turns the captured student tokens, the teacher tokens, their grids and the
-projector into an :class:`AlignResult`. The shared part is :meth:`Objective.align`: the iREPA
+An objective turns the captured student tokens and their grid, the teacher's tokens
+(:class:`~lightning_repa.maths.align.TeacherTokens`) and the projector into an :class:`AlignResult`. The shared part is :meth:`Objective.align`: the iREPA
 teacher normalisation, the projection, and the spatial choice (resample the projected tokens
 to the teacher grid, or mean-pool both sides to one token per frame).
 """
@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Optional
 
 from torch import Tensor, nn
 
-from lightning_repa.align import Grid, pool_tokens, resample_tokens
+from lightning_repa.maths.align import Grid, TeacherTokens, pool_tokens, resample_tokens
 
 
 @dataclass
@@ -49,7 +49,7 @@ def spatial_zscore(f: Tensor, alpha: float = 0.6) -> Tensor:
 
 
 class Objective:
-    """Base of the per-method objectives: `objective(student, grid_s, teacher, grid_t, projector)`.
+    """Base of the per-method objectives: `objective(student, grid_s, teacher, projector)`.
 
     Args:
         spatial_align: True resamples the projected tokens to the teacher grid; False mean-pools
@@ -74,14 +74,14 @@ class Objective:
     def common(cfg: Any) -> dict[str, Any]:
         return {"spatial_align": cfg.spatial_align, "irepa_alpha": cfg.irepa_alpha if cfg.irepa else None}
 
-    def align(self, student: Tensor, grid_s: Grid, teacher: Tensor, grid_t: Grid, projector: nn.Module) -> tuple[Tensor, Tensor]:
+    def align(self, student: Tensor, grid_s: Grid, teacher: TeacherTokens, projector: nn.Module) -> tuple[Tensor, Tensor]:
         """Project the student and put both sides on one grid.
 
-        student (..., N, hidden) row-major on `grid_s`, teacher (..., M, D) on `grid_t`, the same
-        leading dims (B, or B and T for video). Returns (p, f), both (..., M, D), or (..., 1, D)
-        pooled, in at least float32.
+        student (..., N, hidden) row-major on `grid_s`, the teacher's tokens (..., M, D) on its
+        grid, the same leading dims (B, or B and T for video). Returns (p, f), both (..., M, D), or
+        (..., 1, D) pooled, in at least float32.
         """
-        teacher = teacher.float()
+        grid_t, teacher = teacher.grid, teacher.tokens.float()
         if self.irepa_alpha is not None:
             teacher = spatial_zscore(teacher, self.irepa_alpha)  # (..., M, D)
         projected = projector(student, grid_s)  # (..., N, D)
@@ -95,5 +95,5 @@ class Objective:
             projected, teacher = pool_tokens(projected), pool_tokens(teacher)  # (..., 1, D)
         return projected, teacher.to(projected.device)
 
-    def __call__(self, student: Tensor, grid_s: Grid, teacher: Tensor, grid_t: Grid, projector: nn.Module) -> AlignResult:
+    def __call__(self, student: Tensor, grid_s: Grid, teacher: TeacherTokens, projector: nn.Module) -> AlignResult:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__")

@@ -6,9 +6,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_repa.align import Grid
-from lightning_repa.config import ManifoldScope
-from lightning_repa.losses import manifold_loss, token_cosine
+from lightning_repa.maths.align import Grid, TeacherTokens
+from lightning_repa.choices import ManifoldScope
+from lightning_repa.maths.losses import manifold_loss, token_cosine
 from lightning_repa.objectives.base import AlignResult, Objective
 
 
@@ -31,8 +31,8 @@ class URepaObjective(Objective):
     def from_config(cls, cfg: Any) -> "URepaObjective":
         return cls(cfg.manifold_weight, cfg.manifold_scope, **cls.common(cfg))
 
-    def __call__(self, student: Tensor, grid_s: Grid, teacher: Tensor, grid_t: Grid, projector: nn.Module) -> AlignResult:
-        p, f = self.align(student, grid_s, teacher, grid_t, projector)  # (B, M, D) each
+    def __call__(self, student: Tensor, grid_s: Grid, teacher: TeacherTokens, projector: nn.Module) -> AlignResult:
+        p, f = self.align(student, grid_s, teacher, projector)  # (B, M, D) each
         similarity = token_cosine(p, f).mean()  # ()
         manifold = manifold_loss(p, f, self.manifold_scope)  # ()
         loss = -similarity + self.manifold_weight * manifold

@@ -10,7 +10,7 @@ choices when Hydra composes, before anything is built::
 
 ``AppConfig`` types the app's own small nodes (seed, resume path, sampling, paths); the
 ``_target_`` nodes (data, model, trainer, logger, checkpoint) are checked by the classes they
-build. Importing this module (done by ``lightning_repa.conf`` and ``lightning_repa.train``)
+build. Importing this module (done by ``lightning_repa.conf`` and ``lightning_repa.apps.train``)
 registers the schemas and the ``repa_demo_teacher`` resolver.
 """
 
@@ -88,7 +88,7 @@ class AppConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
-    """Read by ``lightning-repa-cache`` only (``lightning_repa/precompute.py``)."""
+    """Read by ``lightning-repa-cache`` only (``lightning_repa/apps/precompute.py``)."""
     seed: int = 0
     """The run's seed: ``lightning.seed_everything`` (Python, NumPy, torch: noise, timesteps, the
     projector's init) before anything is built, and through ``${seed}`` the demo's ``model.seed``

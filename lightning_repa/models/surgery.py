@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
+from lightning_repa.models.families import Family
+
 DENOISER_ATTRS = ("denoiser", "transformer", "unet", "model")
 """Where the denoiser is looked for on the LightningModule, in this order (or `denoiser=` a dotted path)."""
 
@@ -81,3 +83,30 @@ def plain_tensor_init() -> Iterator[None]:
             yield
     finally:
         torch.set_default_dtype(dtype)
+
+
+def require_denoiser(module: nn.Module, family: Family, path: Optional[str] = None) -> nn.Module:
+    """The denoiser of `family`, unwrapped from torch.compile, PEFT and DDP/FSDP wrappers: `module`
+    itself when it is of the family's class (and no `path` is given), else the module at `path` or
+    at the first of `DENOISER_ATTRS`; errors name where it was looked for and the fix."""
+    inner = unwrap(module)
+    if path is None and {c.__name__ for c in type(inner).__mro__} & set(family.classes):
+        return inner
+    denoiser, found_at = find_denoiser(module, path)
+    if denoiser is None and path is None and not hasattr(inner, "training_step"):
+        family.check_class(inner)  # handed a model, not a LightningModule: say what it is
+    if denoiser is None:
+        where = f"`{path}`" if path else ", ".join(f"`{a}`" for a in DENOISER_ATTRS)
+        raise ValueError(
+            f"RepaCallback found no denoiser on {type(module).__name__} (looked at {where}); "
+            "set `denoiser` to the dotted path of your transformer, e.g. denoiser='model.net'"
+        )
+    try:
+        family.check_class(denoiser)
+    except ValueError as error:
+        how = "the `denoiser` option" if path else f"the default search ({', '.join(DENOISER_ATTRS)}, the first found)"
+        raise ValueError(
+            f"{error}. The module was found at `{found_at}` by {how}; set `denoiser` to the dotted path of the "
+            f"{'/'.join(family.classes)} inside your LightningModule (e.g. denoiser='model.transformer')"
+        ) from None
+    return denoiser

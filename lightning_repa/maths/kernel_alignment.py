@@ -48,9 +48,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
-__all__ = ["cknna", "hsic_unbiased", "linear_cka"]
+__all__ = ["KernelAlignment", "cknna", "hsic_unbiased", "linear_cka"]
 
 
 def _check(x: Tensor, y: Tensor, name: str, min_samples: int) -> tuple[Tensor, Tensor]:
@@ -133,7 +136,7 @@ def cknna(x: Tensor, y: Tensor, k: int = 10) -> float:
     `CKNNA = HSIC_u(α∘K, α∘L) / sqrt(HSIC_u(α_K∘K, α_K∘K) HSIC_u(α_L∘L, α_L∘L))` with the
     inner-product kernels `K = x xᵀ`, `L = y yᵀ`, `α = α_K α_L` the neighbour masks (see the module
     docstring). The kernels are not normalised here: pass L2-normalised features for the cosine
-    kernel Huh et al. and REPA use (as :func:`lightning_repa.probe.probe` does). In [-1, 1]; NaN
+    kernel Huh et al. and REPA use (as :func:`lightning_repa.diagnostics.probe.probe` does). In [-1, 1]; NaN
     when a self-alignment is not positive.
     """
     if isinstance(k, bool) or not isinstance(k, int):
@@ -150,3 +153,56 @@ def cknna(x: Tensor, y: Tensor, k: int = 10) -> float:
         hsic_unbiased(mask_x * kx, mask_x * kx),
         hsic_unbiased(mask_y * ky, mask_y * ky),
     )
+
+
+class KernelAlignment(Metric):
+    """CKNNA and linear CKA between two representations of the same samples, accumulated over
+    batches (torchmetrics: the features of every rank are gathered before `compute`).
+
+    `update(x, y)` takes tokens (B, ..., D) and (B, ..., D') of the same B samples and keeps one
+    vector per sample: the mean over its tokens, in float64 (as REPA measures alignment).
+    `compute()` returns ``{"cknna": ..., "cka": ...}`` (0-d tensors): CKNNA with
+    `k = min(k, N - 1)` neighbours on L2-normalised features (`normalize`, the cosine kernel of
+    Huh et al. and REPA) and linear CKA on the raw features. Used by the callback's `repa/cknna`
+    and by the probe.
+
+    Example::
+
+        >>> m = KernelAlignment(k=3)
+        >>> x = torch.randn(8, 5, 4)
+        >>> m.update(x, 2 * x)
+        >>> {k: round(float(v), 4) for k, v in m.compute().items()}
+        {'cknna': 1.0, 'cka': 1.0}
+    """
+
+    full_state_update = False
+
+    def __init__(self, k: int = 10, normalize: bool = True) -> None:
+        super().__init__()
+        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+            raise ValueError(f"KernelAlignment: CKNNA's `k` must be an int >= 2 (Huh et al. and REPA use 10), got {k!r}")
+        self.k, self.normalize = k, normalize
+        self.add_state("x", default=[], dist_reduce_fx="cat")
+        self.add_state("y", default=[], dist_reduce_fx="cat")
+
+    def update(self, x: Tensor, y: Tensor) -> None:
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"KernelAlignment: {x.shape[0]} and {y.shape[0]} samples; both sides need the same samples")
+        self.x.append(_pool(x))  # (B, D)
+        self.y.append(_pool(y))  # (B, D')
+
+    @property
+    def num_samples(self) -> int:
+        return sum(int(x.shape[0]) for x in self.x) if isinstance(self.x, list) else int(self.x.shape[0])
+
+    def compute(self) -> dict[str, Tensor]:
+        x, y = dim_zero_cat(self.x), dim_zero_cat(self.y)  # (N, D), (N, D')
+        k = min(self.k, x.shape[0] - 1)
+        knn = (F.normalize(x, dim=-1), F.normalize(y, dim=-1)) if self.normalize else (x, y)
+        return {"cknna": torch.tensor(cknna(*knn, k=k), dtype=torch.float64),
+                "cka": torch.tensor(linear_cka(x, y), dtype=torch.float64)}
+
+
+def _pool(tokens: Tensor) -> Tensor:
+    """(B, ..., D) tokens -> (B, D): the mean over each sample's tokens, float64, detached."""
+    return tokens.detach().reshape(tokens.shape[0], -1, tokens.shape[-1]).to(torch.float64).mean(dim=1)

@@ -15,8 +15,8 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_repa.config import Method
-from lightning_repa.selectors import (
+from lightning_repa.choices import Method
+from lightning_repa.models.selectors import (
     SELECTORS,
     TokenSelector,
     _after_caption,
@@ -184,8 +184,11 @@ def call_arguments(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> di
     """The arguments of one `module(*args, **kwargs)` call by name."""
     try:
         bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
-    except TypeError:
-        return dict(kwargs)
+    except TypeError as error:
+        raise TypeError(
+            f"the {type(module).__name__} was called with arguments its forward does not take ({error}): the aligned "
+            "call's arguments (read by `align_call` predicates and the token selectors) would be incomplete"
+        ) from None
     return dict(bound.arguments)
 
 

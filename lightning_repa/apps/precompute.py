@@ -1,4 +1,4 @@
-"""The teacher-feature cache ahead of training: ``lightning-repa-cache`` / ``python -m lightning_repa.precompute``.
+"""The teacher-feature cache ahead of training: ``lightning-repa-cache`` (``python -m lightning_repa.apps.precompute``).
 
 ``main()`` is the ``@hydra.main`` shim over ``conf/cache.yaml`` (the training app's config with
 ``repa.cache=disk``); ``run(cfg)`` does the work and is what tests call. It builds the data module
@@ -27,11 +27,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-import lightning_repa.hydra_config  # noqa: F401  (registers the schemas and resolvers)
-from lightning_repa.cache import CachedTeacher, DiskStore
-from lightning_repa.callback import RepaCallback
-from lightning_repa.config import Cache
-from lightning_repa.teacher import build_teacher
+import lightning_repa.apps.hydra_config  # noqa: F401  (registers the schemas and resolvers)
+from lightning_repa.apps.runtime import check_config, torch_threads
+from lightning_repa.choices import Cache
+from lightning_repa.config import RepaConfig, resolve
+from lightning_repa.teachers.build import build_teacher, load_config_encoder
+from lightning_repa.teachers.cache import CachedTeacher, DiskStore
 
 __all__ = ["main", "precompute", "run"]
 
@@ -44,14 +45,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     Returns ``cache_dir``, ``samples`` (seen by this rank), ``computed``, ``cached`` (already
     there), ``entries`` (in the cache now) and ``seconds``.
     """
-    from lightning_repa.train import _check_config  # the app's `???` check
-
-    _check_config(cfg)
+    check_config(cfg)
     if not cfg.repa.get("cache_dir"):
         raise ValueError("lightning-repa-cache needs the cache directory: repa.cache_dir=PATH (the same as in training)")
-    repa = RepaCallback.from_config(cfg.repa)  # every option checked before anything is built
-    if repa.config.cache is not Cache.disk:
-        raise ValueError(f"lightning-repa-cache writes a disk cache: set repa.cache=disk (got {repa.config.cache.value})")
+    config = RepaConfig.from_node(cfg.repa)  # every option checked before anything is built
+    if config.cache is not Cache.disk:
+        raise ValueError(f"lightning-repa-cache writes a disk cache: set repa.cache=disk (got {config.cache.value})")
     options = cfg.precompute
     if options.split not in SPLITS:
         raise ValueError(f"`precompute.split` can be {', '.join(SPLITS)}, got {options.split!r}")
@@ -59,20 +58,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"`precompute.shard_size` must be >= 1, got {options.shard_size}")
     import lightning_repa.demo  # noqa: F401  (registers the shipped digits teacher with timm)
 
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    pl.seed_everything(cfg.seed, workers=True)
-    datamodule: pl.LightningDataModule = instantiate(cfg.data)
-    module: pl.LightningModule = instantiate(cfg.model)
-    module.configure_model()  # a module that builds its networks (and VAE) there
-    teacher = build_teacher(repa.config, repa.family, module, repa.build_encoder)
-    assert isinstance(teacher, CachedTeacher) and isinstance(teacher.store, DiskStore)
-    teacher.store.shard_size = options.shard_size
-    device = _device(options.device)
-    teacher.to(device)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    return precompute(teacher, _loaders(datamodule, options.split), repa.config.latents_key, device, rank, world,
-                      options.max_batches)
+    with torch_threads(cfg.torch_threads):
+        pl.seed_everything(cfg.seed, workers=True)
+        datamodule: pl.LightningDataModule = instantiate(cfg.data)
+        module: pl.LightningModule = instantiate(cfg.model)
+        module.configure_model()  # a module that builds its networks (and VAE) there
+        teacher = build_teacher(config, resolve(config).family, module, lambda: load_config_encoder(config))
+        if not isinstance(teacher, CachedTeacher) or not isinstance(teacher.store, DiskStore):
+            raise TypeError(f"lightning-repa-cache: the configuration built a {type(teacher).__name__}, not a disk cache")
+        teacher.store.shard_size = options.shard_size
+        device = _device(options.device)
+        teacher.to(device)
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        return precompute(teacher, _loaders(datamodule, options.split), config.latents_key, device, rank, world,
+                          options.max_batches)
 
 
 def precompute(teacher: CachedTeacher, loaders: Iterable[Iterable[Mapping[str, Any]]], latents_key: str,
@@ -150,7 +149,7 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="cache")
+@hydra.main(version_base="1.3", config_path="pkg://lightning_repa.conf", config_name="cache")
 def main(cfg: DictConfig) -> None:
     """Entry point of ``lightning-repa-cache`` (see the module docstring)."""
     run(cfg)

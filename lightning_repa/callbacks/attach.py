@@ -1,48 +1,49 @@
-"""Attaching to the user's LightningModule: finding the denoiser, the projector, and the checks
-that the projector trains. No Lightning import: everything here works on modules, optimizers
-and the batch."""
+"""Attaching to the user's LightningModule: the projector, the checks that it trains, the batch's
+latents and the log names. No Lightning import: everything here works on modules, optimizers and
+the batch."""
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
-from lightning_repa.config import Decoder, RepaConfig
-from lightning_repa.families import Family
-from lightning_repa.projectors import build_projector
-from lightning_repa.surgery import DENOISER_ATTRS, find_denoiser
+from lightning_repa.choices import Decoder
+from lightning_repa.config import RepaConfig
+from lightning_repa.models.surgery import get_path, plain_tensor_init, require_denoiser
+from lightning_repa.objectives.projectors import build_projector
+from lightning_repa.teachers.build import build_teacher
+from lightning_repa.teachers.decoders import drop_vae_encoder
 
 
-def require_denoiser(module: nn.Module, family: Family, path: Optional[str]) -> nn.Module:
-    """The denoiser at `path` (or the first of `DENOISER_ATTRS`), unwrapped from torch.compile, PEFT
-    and DDP/FSDP wrappers, of the family's class; errors name where it was looked for and the fix."""
-    denoiser, found_at = find_denoiser(module, path)
-    if denoiser is None:
-        where = f"`{path}`" if path else ", ".join(f"`{a}`" for a in DENOISER_ATTRS)
-        raise ValueError(
-            f"RepaCallback found no denoiser on {type(module).__name__} (looked at {where}); "
-            "set `denoiser` to the dotted path of your transformer, e.g. denoiser='model.net'"
-        )
-    try:
-        family.check_class(denoiser)
-    except ValueError as error:
-        how = "the `denoiser` option" if path else f"the default search ({', '.join(DENOISER_ATTRS)}, the first found)"
-        raise ValueError(
-            f"{error}. The module was found at `{found_at}` by {how}; set `denoiser` to the dotted path of the "
-            f"{'/'.join(family.classes)} inside your LightningModule (e.g. denoiser='model.transformer')"
-        ) from None
-    return denoiser
+PROJECTOR_ATTR = "repa_projector"
+"""Where the projector sits on the LightningModule (`repa_projector_<i>` when several callbacks align)."""
+
+
+def is_projector_key(key: str) -> bool:
+    """Whether a state-dict key of the LightningModule belongs to a REPA projector."""
+    return key.split(".", 1)[0].rstrip("0123456789").rstrip("_") == PROJECTOR_ATTR
+
+
+def projector_seed(attr: str) -> int:
+    """The seed of a new projector's initialisation: the run's seed (`torch.initial_seed()`, which
+    `seed_everything` sets) and the projector's attribute, so that two projectors differ and neither
+    draws from the run's generators."""
+    return (torch.initial_seed() + zlib.crc32(attr.encode())) % 2**63
 
 
 def attach_projector(module: nn.Module, attr: str, cfg: RepaConfig, hidden: int, out_dim: int,
-                     device: torch.device, teacher_name: str) -> bool:
-    """Put a new projector (hidden -> out_dim) at `module.<attr>`, or keep the one a previous fit or a
-    checkpoint left there if its dimensions fit; True when a new one was attached."""
+                     device: torch.device, teacher_name: str, seed: int) -> bool:
+    """Put a new projector (hidden -> out_dim), initialised on the CPU from a generator of its own
+    seeded with `seed`, at `module.<attr>`, or keep the one a previous fit or a checkpoint left
+    there if its dimensions fit; True when a new one was attached."""
     existing = getattr(module, attr, None)
     if existing is None:
-        projector = build_projector(cfg.projector, hidden, out_dim, cfg.projector_hidden, cfg.irepa_kernel_size)
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+            torch.manual_seed(seed)
+            projector = build_projector(cfg.projector, hidden, out_dim, cfg.projector_hidden, cfg.irepa_kernel_size)
         setattr(module, attr, projector.to(device))
         return True
     dims = (getattr(existing, "in_dim", None), getattr(existing, "out_dim", None))
@@ -113,3 +114,18 @@ def log_prefixes(callbacks: list[tuple[Optional[str], str]]) -> list[str]:
             name = f"{name}_{seen[name] - 1}"
         prefixes.append(f"repa/{name}")
     return prefixes
+
+
+def attach(repa: Any, module: nn.Module) -> bool:
+    """Build the teacher of callback `repa` and put its projector on `module` (right after the module's
+    own `configure_model`); True when a new projector was attached. Nothing here draws from the run's
+    random generators: the teacher is built inside a forked generator, the projector from its own seed."""
+    cfg, family = repa.config, repa.family
+    if cfg.drop_vae_encoder:  # before the optimizer and the checkpoint restore
+        drop_vae_encoder(get_path(module, cfg.vae_attr), cfg.vae_attr)
+    denoiser = require_denoiser(module, family, cfg.denoiser)
+    with plain_tensor_init(), torch.random.fork_rng(devices=[]):
+        repa.step.teacher = build_teacher(cfg, family, module, repa.build_encoder_once)
+    hidden = family.hidden_size(denoiser)
+    return attach_projector(module, repa.projector_attr, cfg, hidden, repa.step.teacher.embed_dim or hidden,
+                            next(denoiser.parameters()).device, repa.teacher_name, projector_seed(repa.projector_attr))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_repa.align import Grid, map_to_tokens, tokens_to_map
+from lightning_repa.maths.align import Grid, map_to_tokens, tokens_to_map
 
 
 _HALF = (torch.float16, torch.bfloat16)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from lightning_repa.config import Decoder
+from lightning_repa.choices import Decoder
 
 LatentTransform = Callable[[Tensor, Any], Tensor]
 
@@ -174,7 +174,7 @@ def load_tiny_decoder(path: str | os.PathLike, latent_format: str) -> nn.Module:
 
         tae = AutoencoderTiny.from_pretrained(path, local_files_only=True)
     elif latent_format == "flux2":
-        from lightning_repa.taef2 import load_tae
+        from lightning_repa.teachers.taef2 import load_tae
 
         tae = load_tae(path, "taef2_decoder")
     else:

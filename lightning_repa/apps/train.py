@@ -1,7 +1,7 @@
-"""The Hydra training app: ``lightning-repa-train`` / ``python -m lightning_repa.train``.
+"""The Hydra training app: ``lightning-repa-train`` / ``python -m lightning_repa.apps.train``.
 
 ``main()`` is the thin ``@hydra.main`` shim; ``run(cfg)`` does the work and is what tests call
-with a config from ``hydra.compose``. With no arguments the app runs the CPU demo (REPA on
+with a config from ``hydra.compose``. (``python -m lightning_repa.apps.train`` runs it too.) With no arguments the app runs the CPU demo (REPA on
 scikit-learn's digits); ``experiment=demo`` pins it. The configs live in ``lightning_repa/conf``
 (shipped with the package, so the app works from any directory)::
 
@@ -20,14 +20,14 @@ from typing import Any, Optional
 import hydra
 import lightning.pytorch as pl
 import torch
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-import lightning_repa.hydra_config  # noqa: F401  (registers the schemas and resolvers)
-from lightning_repa.callback import RepaCallback
+import lightning_repa.apps.hydra_config  # noqa: F401  (registers the schemas and resolvers)
+from lightning_repa.apps.runtime import check_config, output_dir, torch_threads
+from lightning_repa.callbacks.repa import RepaCallback
 
 __all__ = ["main", "run"]
 
@@ -50,25 +50,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     (PNG or None), ``wandb_dir`` (run directory or None), ``csv`` (metrics.csv or None) and
     ``metrics`` (the trainer's last logged values, as floats).
     """
-    _check_config(cfg)
+    check_config(cfg)
+    _check_shared_hyperparameters(cfg)
     repa = RepaCallback.from_config(cfg.repa)  # option errors before anything is seeded or built
     import lightning_repa.demo  # noqa: F401  (registers the shipped digits teacher with timm)
 
-    threads = torch.get_num_threads()
-    if cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
-    try:
+    with torch_threads(cfg.torch_threads):
         return _run(cfg, repa)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg: DictConfig, repa: RepaCallback) -> dict[str, Any]:
     # One seed for the whole run: the global RNGs here (noise, timesteps, label dropout, the
     # projector's init); the demo's model.seed and data.seed follow ${seed} in their files.
     pl.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
 
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     model: pl.LightningModule = instantiate(cfg.model)
@@ -86,7 +82,7 @@ def _run(cfg: DictConfig, repa: RepaCallback) -> dict[str, Any]:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
 
     result: dict[str, Any] = {
-        "output_dir": output_dir,
+        "output_dir": out,
         "global_step": trainer.global_step,
         "checkpoint": Path(checkpoint.last_model_path) if checkpoint.last_model_path else None,
         "samples": None,
@@ -95,7 +91,7 @@ def _run(cfg: DictConfig, repa: RepaCallback) -> dict[str, Any]:
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
     }
     if trainer.is_global_zero:
-        result["samples"] = _save_samples(cfg, model, output_dir, loggers, trainer.global_step)
+        result["samples"] = _save_samples(cfg, model, out, loggers, trainer.global_step)
         for logger in loggers:
             if isinstance(logger, WandbLogger):
                 result["wandb_dir"] = _wandb_run_dir(logger)
@@ -106,20 +102,6 @@ def _run(cfg: DictConfig, repa: RepaCallback) -> dict[str, Any]:
         if isinstance(logger, WandbLogger) and trainer.is_global_zero:
             logger.experiment.finish()  # a sweep runs its jobs in one process: one W&B run each
     return result
-
-
-def _check_config(cfg: DictConfig) -> None:
-    if "${hydra:" in str(OmegaConf.to_container(cfg.paths)["output_dir"]) and not HydraConfig.initialized():
-        raise ValueError(
-            "`paths.output_dir` follows Hydra's run directory; without @hydra.main, set paths.output_dir=..."
-        )
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ValueError(
-            f"required config values are not set (`???` in their config file): {', '.join(missing)}; "
-            f"give them on the command line, e.g. {missing[0]}=<value>"
-        )
-    _check_shared_hyperparameters(cfg)
 
 
 def _check_shared_hyperparameters(cfg: DictConfig) -> None:
@@ -199,7 +181,7 @@ def _print_summary(result: dict[str, Any]) -> None:
     print("\n".join(["", bar, "lightning-repa-train: done", *lines, bar]), flush=True)
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="pkg://lightning_repa.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     """Entry point of ``lightning-repa-train`` (see the module docstring)."""
     run(cfg)

@@ -1,4 +1,4 @@
-"""What one optimizer step of a REPA callback reports (SPEC section 8). No Lightning.
+"""What one optimizer step of a REPA callback reports (SPEC section 8). No Lightning import.
 
 Means over the step's micro-batches and over all ranks (torchmetrics `MeanMetric`, whose
 `compute()` syncs across processes), whether the step aligned at all, and the count of steps
@@ -7,15 +7,15 @@ whose alignment was skipped because something was not finite.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from lightning_repa.align import Grid
-from lightning_repa.schedule import StepPlan
+from lightning_repa.maths.align import Grid
+from lightning_repa.maths.schedule import StepPlan
 
 
 @dataclass
@@ -26,19 +26,6 @@ class StepRecord:
     plan: StepPlan
     latents: Tensor  # (B, C, h, w) clean training latents
     grid: Optional[Grid]  # student token grid; None when this step does not measure
-
-
-@dataclass
-class StepResult:
-    """The public outcome of the last micro-batch (`RepaCallback.last_result`): detached scalars."""
-
-    step: int  # optimizer step (trainer.global_step)
-    weight: float  # scheduled weight x cutoff
-    measured: bool  # whether student and teacher tokens were computed
-    loss: Tensor  # (), the weighted aux loss added to the step's loss (0 when not aligned)
-    similarity: Optional[Tensor] = None  # (), mean cosine of matching tokens, when measured
-    terms: dict[str, Tensor] = field(default_factory=dict)  # method terms, e.g. "manifold", "score"
-    skipped: bool = False  # measured, but something was not finite: no alignment loss was added
 
 
 class StepMetrics:
@@ -117,11 +104,3 @@ def _mean() -> MeanMetric:
         return MeanMetric(nan_strategy="disable")
     except ValueError:  # a torchmetrics without the "disable" strategy
         return MeanMetric()
-
-
-def nonfinite(*named: tuple[str, Tensor]) -> Optional[str]:
-    """The name of the first tensor with a NaN or an infinity, or None."""
-    for name, x in named:
-        if not bool(torch.isfinite(x).all()):
-            return name
-    return None

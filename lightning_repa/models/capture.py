@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_repa.families import Family, Grid, call_arguments
+from lightning_repa.models.families import Family, Grid, call_arguments
 
 
 @dataclass
