@@ -42,13 +42,10 @@ class RepaConfig:
 
     # --- what to align -------------------------------------------------------
     family: Any = "flux"
-    """Model family (`lightning_repa.models.families.FAMILIES`). It fixes the block lists, token layout,
-    grid and method. DiTs (method repa): flux, flux2, sd3, chroma, sana, pixart, hidream,
-    auraflow, lumina2, dit, flux3, qwenimage, z_image. UNets (method urepa, the mid block): sdxl,
-    sd15, kolors. Video DiTs (method crepa, tokens per frame): wan, ltxvideo, sanavideo,
-    kandinsky5_video, hunyuan_video15, ltx2. Or a family
-    declared as data for a class the package does not ship: a `Family`, or a dict / Hydra node
-    with its block lists and token layout (`lightning_repa.models.families.family_from_dict`)."""
+    """Model family: a name of `lightning_repa.FAMILIES` (the README's options table lists them with
+    their methods). It fixes the block lists, token layout, grid, method and default block. Or a
+    family declared as data for a class the package does not ship: a `Family`, or a dict / Hydra
+    node with its block lists and token layout (`lightning_repa.family_from_dict`)."""
     method: Optional[Method] = None
     """repa | urepa | crepa. None takes the family's own method; a method that does not fit
     the family is an error that names the right one."""
@@ -57,8 +54,8 @@ class RepaConfig:
     searches `denoiser`, `transformer`, `unet`, `model`, in that order."""
     block_index: Optional[int] = None
     """0-based index over all transformer blocks in forward order (dual-stream blocks first,
-    then single-stream). None takes the family default (8, or 10 for sana, pixart and
-    sanavideo). UNets have one block to align, the mid block (index 0)."""
+    then single-stream). None takes the family's `default_block_index` (`resolve` applies it).
+    UNets have one block to align, the mid block (index 0)."""
     lam: float = 0.5
     """Peak weight of the alignment loss (REPA paper: 0.5)."""
     align_call: Any = "first"

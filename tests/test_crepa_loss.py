@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_repa.losses import crepa_scores
+from reference import as_lists, crepa_objective_reference, crepa_reference
 from lightning_repa.maths.align import TeacherTokens
 from lightning_repa.objectives.crepa import CRepaObjective
 from lightning_repa.objectives.projectors import ConvProjector, LinearProjector
@@ -60,64 +61,6 @@ def _resample_by_hand(x: torch.Tensor, src, dst) -> torch.Tensor:
     return out
 
 
-def _as_lists(x: torch.Tensor):
-    return x.detach().double().tolist()
-
-
-def _cos(u, v) -> float:
-    dot = sum(a * b for a, b in zip(u, v))
-    nu = math.sqrt(sum(a * a for a in u))
-    nv = math.sqrt(sum(b * b for b in v))
-    return dot / max(nu * nv, 1e-12)
-
-
-def _token_cosine(p_frame, f_frame) -> float:
-    """mean_n cos(p_n, f_n) over the tokens of one frame (lists of N vectors)."""
-    n_tok = len(p_frame)
-    assert n_tok == len(f_frame)
-    total = 0.0
-    for n in range(n_tok):
-        total += _cos(p_frame[n], f_frame[n])
-    return total / n_tok
-
-
-def _crepa_reference(p, f, distance, tau, cumulative, normalize_neighbours):
-    """SPEC 6.3 with loops. p, f: nested lists [b][t][n][c]. Returns (score[b][t], self_sim[b][t])."""
-    B, T = len(p), len(p[0])
-    d = min(distance, T - 1)
-    ks = list(range(1, d + 1)) if cumulative else ([d] if d > 0 else [])
-    score = [[0.0] * T for _ in range(B)]
-    self_sim = [[0.0] * T for _ in range(B)]
-    for b in range(B):
-        for t in range(T):
-            s = _token_cosine(p[b][t], f[b][t])
-            self_sim[b][t] = s
-            applied = 1.0
-            for k in ks:
-                w = math.exp(-k / tau)
-                if t + k < T:
-                    s += w * _token_cosine(p[b][t], f[b][t + k])
-                    applied += w
-                if t - k >= 0:
-                    s += w * _token_cosine(p[b][t], f[b][t - k])
-                    applied += w
-            score[b][t] = s / applied if normalize_neighbours else s
-    return score, self_sim
-
-
-def _objective_reference(p, f, distance, tau, cumulative, normalize_neighbours, normalize_by_frames):
-    """(loss, mean self_sim, mean per-video score) of SPEC 6.3 (weight w left out, as AlignResult does)."""
-    score, self_sim = _crepa_reference(_as_lists(p), _as_lists(f), distance, tau, cumulative, normalize_neighbours)
-    B, T = len(score), len(score[0])
-    per_video = []
-    for b in range(B):
-        total = sum(score[b][t] for t in range(T))
-        per_video.append(total / T if normalize_by_frames else total)
-    mean_self = sum(self_sim[b][t] for b in range(B) for t in range(T)) / (B * T)
-    mean_video = sum(per_video) / B
-    return -mean_video, mean_self, mean_video
-
-
 def _assert_close(got: torch.Tensor, want: torch.Tensor, atol: float = 1e-6, rtol: float = 1e-6) -> None:
     """Same shape, elementwise |got - want| <= atol + rtol*|want| (float64 comparison)."""
     got, want = torch.as_tensor(got).detach().double(), torch.as_tensor(want).detach().double()
@@ -159,7 +102,7 @@ def test_crepa_objective_loss_matches_spec_loops(distance, cumulative, normalize
     result = obj(student, grid, TeacherTokens(teacher, grid), proj)
 
     p = _project_linear_by_hand(proj, student)
-    want = _objective_reference(p, teacher, distance, tau, cumulative, normalize_neighbours, normalize_by_frames)
+    want = crepa_objective_reference(p, teacher, distance, tau, cumulative, normalize_neighbours, normalize_by_frames)
     _check(result, *want)
     assert result.loss.requires_grad  # the projector is trained through the loss
 
@@ -179,7 +122,7 @@ def test_crepa_objective_loss_with_resampling_to_teacher_grid(grid_s, grid_t, no
     result = obj(student, grid_s, TeacherTokens(teacher, grid_t), proj)
 
     p = _resample_by_hand(_project_linear_by_hand(proj, student), grid_s, grid_t)
-    want = _objective_reference(p, teacher, 2, 0.5, True, normalize_neighbours, True)
+    want = crepa_objective_reference(p, teacher, 2, 0.5, True, normalize_neighbours, True)
     _check(result, *want)
 
     # the aligned tokens themselves: (B, T, M, D) on the teacher grid
@@ -195,7 +138,7 @@ def test_crepa_scores_per_frame_match_spec_loops(distance, tau, cumulative, norm
     # p != f, so cos(p[t], f[t+k]) != cos(p[t+k], f[t]): per-frame scores see a swapped direction
     p, f = _tokens(2, 5, 3, 4, seed=6), _tokens(2, 5, 3, 4, seed=7)
     score, self_sim = crepa_scores(p, f, distance, tau, cumulative, normalize)
-    want_score, want_self = _crepa_reference(_as_lists(p), _as_lists(f), distance, tau, cumulative, normalize)
+    want_score, want_self = crepa_reference(as_lists(p), as_lists(f), distance, tau, cumulative, normalize)
     assert score.shape == (2, 5) and self_sim.shape == (2, 5)
     _assert_close(score.double(), torch.tensor(want_score, dtype=torch.float64), atol=ATOL, rtol=0)
     _assert_close(self_sim.double(), torch.tensor(want_self, dtype=torch.float64), atol=ATOL, rtol=0)
@@ -316,7 +259,7 @@ def test_spatial_align_false_pools_one_token_per_frame_on_both_sides():
     _assert_close(f_got.double(), f_ref, atol=ATOL, rtol=0)
 
     result = obj(student, grid_s, TeacherTokens(teacher, grid_t), proj)
-    _check(result, *_objective_reference(p_ref, f_ref, 1, 0.5, False, True, True))
+    _check(result, *crepa_objective_reference(p_ref, f_ref, 1, 0.5, False, True, True))
 
 
 def _zscore_by_loops(teacher: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -358,7 +301,7 @@ def test_irepa_zscores_the_teacher_per_frame():
     assert not torch.allclose(f_got2[:, 1], f_got[:, 1])
 
     result = obj(student, grid, TeacherTokens(teacher, grid), proj)
-    want = _objective_reference(_project_linear_by_hand(proj, student), f_ref, 1, 1.0, False, True, True)
+    want = crepa_objective_reference(_project_linear_by_hand(proj, student), f_ref, 1, 1.0, False, True, True)
     _check(result, *want)
 
 
@@ -405,7 +348,7 @@ def test_crepa_objective_with_conv_projector_and_irepa():
     obj = CRepaObjective(distance=1, tau=1.0, cumulative=True, normalize_neighbours=True, irepa_alpha=0.6)
     result = obj(student, grid_s, TeacherTokens(teacher, grid_t), proj)
     p = _resample_by_hand(_conv_by_hand(proj, student, grid_s), grid_s, grid_t)
-    _check(result, *_objective_reference(p, _zscore_by_loops(teacher, 0.6), 1, 1.0, True, True, True))
+    _check(result, *crepa_objective_reference(p, _zscore_by_loops(teacher, 0.6), 1, 1.0, True, True, True))
 
 
 # ----------------------------------------------------------------------------- 4. edge cases
@@ -416,14 +359,14 @@ def test_single_frame_clamps_distance_to_zero(distance, cumulative, normalize_ne
     p, f = _tokens(3, 1, 4, DIM, seed=23), _tokens(3, 1, 4, DIM, seed=24)
     score, self_sim = crepa_scores(p, f, distance, 1.0, cumulative, normalize_neighbours)
     _assert_close(score, self_sim)
-    _, want_self = _crepa_reference(_as_lists(p), _as_lists(f), 0, 1.0, False, False)
+    _, want_self = crepa_reference(as_lists(p), as_lists(f), 0, 1.0, False, False)
     _assert_close(self_sim.double(), torch.tensor(want_self, dtype=torch.float64), atol=ATOL, rtol=0)
 
     proj = _seeded_linear(seed=25)
     student = _tokens(3, 1, 4, HIDDEN, seed=26)
     obj = CRepaObjective(distance=distance, cumulative=cumulative, normalize_neighbours=normalize_neighbours)
     result = obj(student, (2, 2), TeacherTokens(f, (2, 2)), proj)
-    loss, sim, sc = _objective_reference(_project_linear_by_hand(proj, student), f, 0, 1.0, False, False, True)
+    loss, sim, sc = crepa_objective_reference(_project_linear_by_hand(proj, student), f, 0, 1.0, False, False, True)
     _check(result, loss, sim, sc)
     assert float(result.loss.detach()) == pytest.approx(-float(result.similarity), abs=1e-6)
 

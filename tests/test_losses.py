@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lightning_repa.losses import crepa_scores, manifold_loss, token_cosine
+from reference import crepa_reference
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -71,27 +72,6 @@ def test_manifold_is_zero_for_identical_and_positive_otherwise():
         manifold_loss(p, p, scope="samples")
 
 
-def _crepa_reference(p, f, distance, tau, cumulative, normalize):
-    B, T = p.shape[:2]
-    d = min(distance, T - 1)
-    ks = list(range(1, d + 1)) if cumulative else ([d] if d > 0 else [])
-    score, self_sim = np.zeros((B, T)), np.zeros((B, T))
-    tc = lambda a, b: np.mean([_cos(a[n], b[n]) for n in range(a.shape[0])])
-    for b in range(B):
-        for t in range(T):
-            s = tc(p[b, t], f[b, t])
-            self_sim[b, t] = s
-            applied = 1.0
-            for k in ks:
-                w = math.exp(-k / tau)
-                if t + k < T:
-                    s += w * tc(p[b, t], f[b, t + k]); applied += w
-                if t - k >= 0:
-                    s += w * tc(p[b, t], f[b, t - k]); applied += w
-            score[b, t] = s / applied if normalize else s
-    return score, self_sim
-
-
 @pytest.mark.parametrize("distance,tau,cumulative,normalize", [
     (0, 1.0, False, False), (1, 1.0, False, False), (2, 0.5, False, True), (2, 2.0, True, False),
     (3, 1.0, True, True), (9, 1.0, True, False),  # distance > T - 1 is clamped
@@ -99,6 +79,6 @@ def _crepa_reference(p, f, distance, tau, cumulative, normalize):
 def test_crepa_scores_match_formula(distance, tau, cumulative, normalize):
     p, f = _rand(2, 4, 3, 5).numpy(), _rand(2, 4, 3, 5, seed=1).numpy()
     score, self_sim = crepa_scores(torch.from_numpy(p), torch.from_numpy(f), distance, tau, cumulative, normalize)
-    want_score, want_self = _crepa_reference(p, f, distance, tau, cumulative, normalize)
+    want_score, want_self = crepa_reference(p, f, distance, tau, cumulative, normalize)
     np.testing.assert_allclose(self_sim.numpy(), want_self, rtol=1e-5)
     np.testing.assert_allclose(score.numpy(), want_score, rtol=1e-5)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import Recorder, TinyFlow, loader, trainer
+from reference import manifold_reference
 from lightning_repa import RepaCallback
 from lightning_repa.testing.tiny_models import TINY_FAMILIES
 
@@ -83,27 +84,6 @@ def test_non_square_latents_keep_their_geometry(hw, image_hw, repa_options):
     assert gh / gw == th / tw == hw[0] / hw[1]  # both 2:1 (or 1:2)
 
 
-def _manifold_loop(p: torch.Tensor, f: torch.Tensor, scope: str) -> float:
-    """SPEC 6.2 with explicit loops over samples and pairs, in float64."""
-    p, f = p.double(), f.double()
-    unit = lambda v: v / v.norm()
-    if scope == "tokens":
-        total, count = 0.0, 0
-        for b in range(p.shape[0]):
-            n = p.shape[1]
-            for i in range(n):
-                for j in range(n):
-                    gp = float(unit(p[b, i]) @ unit(p[b, j]))
-                    gf = float(unit(f[b, i]) @ unit(f[b, j]))
-                    total, count = total + (gp - gf) ** 2, count + 1
-        return total / count
-    rows_p = [unit(torch.stack([unit(t) for t in p[b]]).flatten()) for b in range(p.shape[0])]
-    rows_f = [unit(torch.stack([unit(t) for t in f[b]]).flatten()) for b in range(f.shape[0])]
-    bsz = len(rows_p)
-    return sum((float(rows_p[i] @ rows_p[j]) - float(rows_f[i] @ rows_f[j])) ** 2
-               for i in range(bsz) for j in range(bsz)) / bsz**2
-
-
 @pytest.mark.parametrize("scope, manifold_weight", [("tokens", 3.0), ("batch", 3.0), ("tokens", 0.0)])
 def test_urepa_loss_is_the_formula(scope, manifold_weight, repa_options):
     """lam * (-mean cosine + manifold_weight * M), recomputed from the tokens the objective was handed."""
@@ -120,7 +100,7 @@ def test_urepa_loss_is_the_formula(scope, manifold_weight, repa_options):
     proj = F.interpolate(maps, size=(th, tw), mode="bilinear", antialias=(th < gh or tw < gw)).flatten(2).transpose(1, 2)
     cos = sum(float(proj[b, n] @ teacher[b, n]) / float(proj[b, n].norm() * teacher[b, n].norm())
               for b in range(2) for n in range(th * tw)) / (2 * th * tw)
-    manifold = _manifold_loop(proj, teacher, scope)
+    manifold = manifold_reference(proj, teacher, scope)
     result = record.results[0]
     assert float(result.similarity) == pytest.approx(cos, abs=1e-5)
     assert float(result.terms["manifold"]) == pytest.approx(manifold, rel=1e-4, abs=1e-7)

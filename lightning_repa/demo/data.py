@@ -20,8 +20,10 @@ NUM_DIGITS = 1797
 
 def load_digit_images(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """All 1,797 digits as ``(images (N, 1, S, S) in [0, 1], labels (N,) long)``, in sklearn's order."""
-    from sklearn.datasets import load_digits
-
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError('the demo\'s digits come from scikit-learn: pip install "lightning_repa[demo]"') from None
     if image_size < 8:
         raise ValueError(f"`image_size` must be >= 8 (the digits are 8x8), got {image_size}")
     digits = load_digits()

@@ -1,6 +1,6 @@
 """The probe's result as a table, a JSON file and a plot (`lightning_repa.diagnostics.probe`).
 
-The plot needs matplotlib, an optional dependency (`pip install "lightning_repa[plots]"`); without
+The plot needs matplotlib, an optional dependency (`pip install "lightning_repa[demo]"`); without
 it `plot` raises an ImportError that says so and `write_outputs` writes the JSON alone.
 """
 
@@ -23,7 +23,7 @@ def _matplotlib() -> tuple[Any, Any]:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise ImportError('the probe plot needs matplotlib: pip install "lightning_repa[plots]"') from None
+        raise ImportError('the probe plot needs matplotlib: pip install "lightning_repa[demo]"') from None
     return FigureCanvasAgg, Figure
 
 
