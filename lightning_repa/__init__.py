@@ -39,6 +39,7 @@ _LAZY = {
     "IdentityProjector": "lightning_repa.objectives.projectors",
     "probe": "lightning_repa.diagnostics.probe",
     "from_simpletuner": "lightning_repa.simpletuner",
+    "strip_projectors": "lightning_repa.callbacks.checkpoint",
 }
 __all__ = sorted(_LAZY)
 

@@ -4,11 +4,15 @@ objectives and the configuration can all use it without importing each other."""
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from typing import Any, Callable
 
 class Choice(str, Enum):
     """A string enum whose constructor error names the option and the choices."""
+
+    def __str__(self) -> str:  # the value, as written in options and on the command line
+        return self.value
 
     @classmethod
     def parse(cls, value: Any, option: str) -> "Choice":
@@ -73,7 +77,6 @@ class ThresholdMode(Choice):
     recoverable = "recoverable"  # off while the EMA is at or above the threshold
 
 
-
 def require(ok: bool, option: str, value: Any, expected: str) -> None:
     if not ok:
         raise ValueError(f"`{option}` must be {expected}, got {value!r}")
@@ -107,6 +110,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cutoff_step": (_int(lambda v: v >= 0), "an integer >= 0 (0: never)"),
     "max_nonfinite_steps": (_int(lambda v: v > 0), "an integer > 0"),
     "cknna_every_n_steps": (_int(lambda v: v >= 0), "an integer >= 0 (0: off)"),
+    "frames_per_latent": (lambda v: v is None or _int(lambda i: i >= 1)(v),
+                          "an integer >= 1 (None: the VAE's or the family's)"),
     "similarity_ema_decay": (_num(lambda v: 0 < v < 1), "in (0, 1)"),
     "similarity_threshold": (
         lambda v: v is None or _num(lambda t: -1 <= t <= 1)(v), "a cosine similarity in [-1, 1], or None (never)"
@@ -115,6 +120,8 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 def check_option(option: str, value: Any) -> None:
-    """Raise a ValueError naming `option` when `value` is outside its range (`RANGES`)."""
+    """Raise a ValueError naming `option` when `value` is not finite or outside its range (`RANGES`)."""
     test, expected = RANGES[option]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"`{option}` must be finite ({expected}), got {value!r}")
     require(test(value), option, value, expected)

@@ -123,6 +123,13 @@ class RepaConfig:
     """Value range of the batch's pixels: [0, 1] or [-1, 1]."""
     ids_key: str = "ids"
     """Batch key of stable sample ids (needed by the teacher cache)."""
+    frames_per_latent: Optional[int] = None
+    """Video families: the VAE's temporal compression r, its pixel frames per latent frame (latent
+    frame 0 holds pixel frame 0, latent frame t the frames (t-1)*r+1 .. t*r; the teacher sees the
+    last of them). None reads it from the VAE at `vae_attr`, or takes the family's (Wan, SANA-Video,
+    Kandinsky 5, HunyuanVideo 1.5: 4; LTX-Video, LTX-2: 8); set it for `decoder=pixels` with a VAE
+    of another compression and none attached. A clip of more frames than 1 + (T-1)*r loses its tail,
+    as the VAE's encoder drops it."""
     cache: Cache = Cache.none
     """Teacher feature cache, keyed by `batch[ids_key]`: each sample's tokens computed once, stored in
     float16. none | memory (in this process's RAM, for one run) | disk (safetensors shards under
@@ -213,6 +220,9 @@ class RepaConfig:
                 f"({family.name} is a {family.method.value} family)"
             )
         self._check_method_options(method)
+        if self.frames_per_latent is not None and (not family.video or self.teacher is Teacher.backbone):
+            raise ValueError("`frames_per_latent` is only read by the encoder teacher of a video family (which pixel "
+                             f"frame each latent frame is aligned with); remove it for family={family.name!r}")
         if method is Method.urepa and self.teacher is Teacher.backbone:
             raise ValueError(
                 "`teacher=backbone` needs a deeper block of the same model, but U-REPA aligns the UNet's "

@@ -58,3 +58,27 @@ class Recorder(L.Callback):
 
     def measured_steps(self) -> list[int]:
         return [s["step"] for s in self.steps if s["similarity"] is not None]
+
+
+def labelled_grid(path, grid_wh: tuple[int, int], rows: int, title: bool = False):
+    """Check a sample grid PNG of `grid_wh` pixels (the samples and their gaps) and return it as an
+    array: it sits at the bottom right (a 4-pixel border), the gray gap (128) frames it, and each of
+    the `rows` row bands has dark label pixels left of it (and the title band above, when asked)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.mode == "L"
+        pixels = np.asarray(im)
+    gw, gh = grid_wh
+    height, width = pixels.shape
+    top, left = height - 4 - gh, width - 4 - gw
+    assert top > 0 and left > 0, "labels take room above and left of the grid"
+    grid = pixels[top: top + gh, left: left + gw]
+    assert (grid[0] == 128).all() and (grid[:, 0] == 128).all(), "the grid's gray frame is where expected"
+    band = gh // rows
+    for r in range(rows):
+        assert (pixels[top + r * band: top + (r + 1) * band, :left] < 100).any(), f"row {r} has no label"
+    if title:
+        assert (pixels[:12, left:] < 100).any(), "no title"
+    return grid

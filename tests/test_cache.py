@@ -190,6 +190,7 @@ from lightning_repa.teachers.cache import CachedTeacher, DiskStore
 
 class Slow:
     embed_dim = 3
+    frames_per_latent = None
     def source(self, batch, latents):
         return latents
     def __call__(self, batch, latents, captured=None):
@@ -254,6 +255,7 @@ class PixelTeacher:
     """Tokens (B, 4, 3): a pure function of the pixels, counting the samples it computes."""
 
     embed_dim = 3
+    frames_per_latent = None
 
     def __init__(self) -> None:
         self.computed = 0

@@ -99,7 +99,7 @@ def test_real_video_vae_frames_map_to_latent_frames(family, pixel_frames, picked
     repa = RepaCallback(family=family, block_index=1, **{**repa_options, "decoder": "vae"})
     record = Recorder(repa)
     trainer(1, [repa, record]).fit(module, torch.utils.data.DataLoader(data, batch_size=2))
-    assert teacher_frames(3, pixel_frames) == picked and record.inputs[0]["frames_per_latent"] == picked[1]
+    assert teacher_frames(3, pixel_frames, picked[1]) == picked and record.inputs[0]["frames_per_latent"] == picked[1]
     decoded = repa.teacher.images({}, data.latents)  # (B, F, 3, H, W)
     assert decoded.shape == (2, pixel_frames, 3, 16, 32)
     for t, f in enumerate(picked):
@@ -110,9 +110,10 @@ def test_real_video_vae_frames_map_to_latent_frames(family, pixel_frames, picked
 
 
 def test_teacher_frames_rule():
-    assert teacher_frames(3, 9) == [0, 4, 8] and teacher_frames(2, 5) == [0, 4] and teacher_frames(4, 4) == [0, 1, 2, 3]
-    with pytest.raises(ValueError, match=r"8 pixel frames do not fit 3 latent frames"):
-        teacher_frames(3, 8)
+    assert teacher_frames(3, 9, 4) == [0, 4, 8] and teacher_frames(2, 5, 4) == [0, 4]
+    assert teacher_frames(4, 4, 4) == [0, 1, 2, 3] and teacher_frames(3, 17, 8) == [0, 8, 16]
+    with pytest.raises(ValueError, match=r"8 pixel frames are too few for 3 latent frames"):
+        teacher_frames(3, 8, 4)
 
 
 def test_backbone_teacher_on_video_is_detached_and_per_frame():
@@ -155,7 +156,7 @@ def test_video_errors_name_the_fix(repa_options):
         trainer(1, [RepaCallback(family="wan", block_index=1, **repa_options)]).fit(
             TinyVideoFlow("wan"), torch.utils.data.DataLoader(
                 [{"latents": torch.randn(4, 4, 8), "pixels": torch.rand(3, 32, 64), "ids": 0}] * 2, batch_size=2))
-    with pytest.raises(ValueError, match=r"2 pixel frames do not fit 3 latent frames"):
+    with pytest.raises(ValueError, match=r"2 pixel frames are too few for 3 latent frames"):
         trainer(1, [RepaCallback(family="wan", block_index=1, **repa_options)]).fit(
             TinyVideoFlow("wan"), video_loader("wan", frames_hw=(2, 32, 64)))
 
@@ -173,8 +174,9 @@ def test_kandinsky_fractal_order_is_refused():
 
 
 def test_data_shapes():
-    item = VideoData("wan")[0]
-    assert item["latents"].shape == (4, 3, 4, 8) and item["pixels"].shape == (3, 3, 32, 64)
+    item = VideoData("wan")[0]  # 3 latent frames: the 1 + 2 * 4 pixel frames Wan's VAE encodes into them
+    assert item["latents"].shape == (4, 3, 4, 8) and item["pixels"].shape == (9, 3, 32, 64)
+    assert VideoData("ltxvideo")[0]["pixels"].shape == (17, 3, 32, 64)
 
 
 @pytest.mark.parametrize("family", VIDEO)

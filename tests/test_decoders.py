@@ -16,10 +16,10 @@ from lightning_repa.teachers.decoders import (
     flux2_from_raw,
     load_tiny_decoder,
     patchify_2x2,
-    pixels_to_unit,
     to_raw_latents,
     unpatchify_2x2,
 )
+from lightning_repa.teachers.pixels import pixels_to_unit
 from lightning_repa.teachers.taef2 import load_tae
 
 

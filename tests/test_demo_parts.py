@@ -7,10 +7,10 @@ import lightning as L
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 
+from helpers import labelled_grid
 from lightning_repa.demo import (
     TEACHER_MEAN,
     TEACHER_NAME,
@@ -225,9 +225,6 @@ def test_sample_and_sample_grid(tmp_path):
     assert not torch.equal(imgs, model.sample([0, 3, 7], steps=3, seed=2))
     assert model.training  # sample() restores the mode
 
-    path = model.save_sample_grid(tmp_path / "grid.png", steps=2, per_class=3, scale=4)
-    assert path.is_file()
-    with Image.open(path) as im:
-        # 1-pixel gaps around 16-pixel cells, then 4x nearest upscaling
-        assert im.size == ((3 * 17 + 1) * 4, (10 * 17 + 1) * 4)
-        assert im.mode == "L"
+    path = model.save_sample_grid(tmp_path / "grid.png", steps=2, per_class=3, scale=4, title="step 0, REPA")
+    # 1-pixel gaps around 16-pixel cells, then 4x nearest upscaling; a class label left of each row
+    labelled_grid(path, ((3 * 17 + 1) * 4, (10 * 17 + 1) * 4), rows=10, title=True)

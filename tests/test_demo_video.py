@@ -4,12 +4,14 @@ its sample strip, and the experiment's config (composed, not run)."""
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
 from PIL import Image
 
 import lightning_repa.apps.hydra_config  # noqa: F401  (registers the schemas)
+from helpers import labelled_grid
 from lightning_repa import RepaCallback
 from lightning_repa.demo.clips import DigitClipsDataModule, clip_directions, make_clips
 from lightning_repa.demo.data import load_digit_images
@@ -155,9 +157,11 @@ def test_sample_strip_is_one_row_of_frames_per_clip(tmp_path):
     assert clips.shape == (2, 1, T, H, W) and clips.min() >= 0.0 and clips.max() <= 1.0
     assert torch.equal(clips, model.sample([1, 2], steps=2, seed=3))
     path = model.save_sample_grid(tmp_path / "strip.png", steps=1, per_class=2, scale=3, seed=0)
+    # 20 rows of 16-px frames, 5 frames of 24 px side by side, 1-px gaps, upscaled 3x; class and frame labels
+    labelled_grid(path, ((T * (W + 1) + 1) * 3, (20 * (H + 1) + 1) * 3), rows=20)
     with Image.open(path) as img:
-        # 20 rows of 16-px frames, 5 frames of 24 px side by side, 1-px gaps, upscaled 3x
-        assert img.size == ((T * (W + 1) + 1) * 3, (20 * (H + 1) + 1) * 3)
+        top = img.size[1] - 4 - (20 * (H + 1) + 1) * 3
+        assert (np.asarray(img)[top - 14: top, -4 - (T * (W + 1) + 1) * 3:] < 100).any(), "frame labels"
 
 
 # --- the configs ----------------------------------------------------------------------------

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import inspect
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +24,7 @@ import lightning_repa.apps.hydra_config  # noqa: F401  (registers the schemas)
 from lightning_repa import RepaCallback
 from lightning_repa.config import ScheduleKind, Teacher, ThresholdMode
 from lightning_repa.models.families import FAMILIES
-from lightning_repa.apps.train import run
+from lightning_repa.apps.train import alignment_callbacks, run
 
 CONF = Path(lightning_repa.__file__).parent / "conf"
 GROUPS = ("family", "encoder", "schedule", "decoder", "trainer", "logger", "experiment", "data", "model")
@@ -386,3 +388,65 @@ def test_multirun_sweeps_one_run_per_value(tmp_path):
         rows = _read_csv(sweep / job / "csv" / "version_0" / "metrics.csv")
         assert {r["repa/weight"] for r in rows.values()} == {lam}
     assert proc.stdout.count("lightning-repa-train: done") == 2
+
+
+# --- the tools explain themselves -------------------------------------------------------------------
+
+
+def _tool(name: str, *args: str, cwd: Path, full_error: bool = False) -> subprocess.CompletedProcess:
+    env = _script_env()
+    if not full_error:
+        env.pop("HYDRA_FULL_ERROR", None)
+    script = shutil.which(name)
+    assert script, f"{name} is not installed"
+    return subprocess.run([script, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_each_tool_opens_its_help_with_what_it_does_and_an_example(tmp_path):
+    for name in ("lightning-repa-train", "lightning-repa-probe", "lightning-repa-cache"):
+        proc = _tool(name, "--help", cwd=tmp_path)
+        head = proc.stdout.splitlines()[:15]
+        assert proc.returncode == 0 and head[0].startswith(f"{name}: "), head
+        assert any(line.strip().startswith(f"{name} ") or line.strip() == name for line in head[1:]), head
+        assert "repa_schema" not in proc.stdout and "Every option" in proc.stdout
+    probe = _tool("lightning-repa-probe", "--help", cwd=tmp_path).stdout
+    assert "trainer" not in probe and "logger" not in probe and "schedule" not in probe
+    assert "cache_dir: null" not in _tool("lightning-repa-cache", "--help", cwd=tmp_path).stdout
+    train = _tool("lightning-repa-train", "repa.lam=0.3", "--help", cwd=tmp_path).stdout
+    assert re.search(r"repa\.lam=\.\.\. +0\.3 ", train), "the help shows this run's values"
+
+
+@pytest.mark.slow
+def test_a_refused_configuration_prints_its_message_alone_and_leaves_no_run_directory(tmp_path):
+    proc = _tool("lightning-repa-train", "repa.family=fluxx", cwd=tmp_path)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode != 0 and len(lines) <= 8, lines
+    assert "Traceback" not in proc.stderr and "did you mean 'flux'" in proc.stderr
+    assert not (tmp_path / "outputs").exists() and not list(tmp_path.iterdir())
+    full = _tool("lightning-repa-train", "repa.family=fluxx", cwd=tmp_path, full_error=True)
+    assert full.returncode != 0 and "Traceback" in full.stderr
+
+
+# --- SimpleTuner settings in the app ----------------------------------------------------------------
+
+
+def test_a_simpletuner_config_builds_the_callbacks_with_the_command_line_on_top(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_family": "pixart_sigma", "crepa_enabled": True, "crepa_block_index": 2,
+                                  "crepa_lambda": 0.7, "crepa_scheduler": "cosine", "crepa_decay_steps": 10,
+                                  "crepa_encoder": "vit_tiny_digits_patch2", "layersync_enabled": True,
+                                  "layersync_student_block": 2, "layersync_teacher_block": 6}))
+    overrides = ["repa.decoder=pixels", "repa.encoder_image_size=16", "repa.lam=0.9"]
+    cfg = _compose("experiment=demo", *TINY, "logger=none", "sample.enabled=false", f"simpletuner_config={config}",
+                   *overrides, "repa.encoder_checkpoint=${repa_demo_teacher:}", f"paths.output_dir={tmp_path / 'out'}")
+    with pytest.warns(UserWarning, match="crepa_encoder"):
+        repa, layersync = alignment_callbacks(cfg, [*overrides, "repa.encoder_checkpoint=${repa_demo_teacher:}"])
+    assert (repa.block_index, repa.config.lam, repa.config.schedule.value) == (2, 0.9, "cosine")
+    assert repa.config.decoder.value == "pixels" and repa.config.encoder_image_size == 16
+    assert (layersync.block_index, layersync.config.teacher_block_index, layersync.config.lam) == (1, 5, 0.9)
+    assert layersync.config.projector.value == "identity"
+    with pytest.warns(UserWarning):
+        result = run(cfg, [*overrides, "repa.encoder_checkpoint=${repa_demo_teacher:}"])
+    assert result["global_step"] == 4 and {"repa/vit_tiny_digits_patch2/similarity",
+                                           "repa/backbone5/similarity"} <= set(result["metrics"])

@@ -4,8 +4,6 @@ written from the papers' formulas, their invariances, and their errors."""
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest

@@ -97,6 +97,8 @@ def test_the_app_needs_a_cache_dir_and_a_known_split(tmp_path):
         app.run(_compose("cache", "experiment=demo", f"paths.output_dir={tmp_path}"))
     with pytest.raises(ValueError, match=r"`precompute.split` can be train, val, all"):
         _cache(tmp_path, "precompute.split=test")
+    with pytest.raises(ValueError, match=r"writes a disk cache: keep repa.cache=disk \(got repa.cache=memory\)"):
+        _cache(tmp_path, "repa.cache=memory")
 
 
 @pytest.mark.slow

@@ -203,6 +203,13 @@ def test_app_reads_a_training_checkpoint(tmp_path, capsys):
         run(_compose(*common, f"ckpt_path={tmp_path / 'nope.ckpt'}"))
 
 
+@pytest.mark.parametrize("block, error", [(99, r"repa.block_index=99 is out of range.*3 blocks; use 0..2"),
+                                          (-1, r"`block_index` must be an integer >= 0")])
+def test_app_refuses_a_block_the_model_does_not_have(block, error, tmp_path):
+    with pytest.raises((IndexError, ValueError), match=error):
+        run(_compose(*TINY, f"repa.block_index={block}", f"paths.output_dir={tmp_path}"))
+
+
 def test_app_refuses_a_decoding_teacher(tmp_path):
     with pytest.raises(ValueError, match=r"reads the clean images from the batch \(decoder=pixels\)"):
         run(_compose(*TINY, "decoder=vae", f"paths.output_dir={tmp_path}"))

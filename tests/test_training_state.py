@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -146,9 +147,20 @@ def test_loggers_receive_repa_series(tmp_path, repa_options, monkeypatch):
     assert sum(row["repa/similarity"] != "" for row in rows) == 3
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    record = next(runs[0].glob("run-*.wandb")).read_bytes()
-    for key in keys:
-        assert key.encode() in record, key
+    record_file = next(runs[0].glob("run-*.wandb"))
+    assert _eventually(lambda: all(key.encode() in record_file.read_bytes() for key in keys)), (
+        f"{sorted(k for k in keys if k.encode() not in record_file.read_bytes())} never reached {record_file}")
+
+
+def _eventually(condition, deadline_s: float = 120.0) -> bool:
+    """Wait until `condition()` holds (wandb's service process writes the offline run file on its own
+    after `finish()` returns); False if it never does within the deadline."""
+    end = time.monotonic() + deadline_s
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 @pytest.mark.slow

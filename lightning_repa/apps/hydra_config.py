@@ -100,6 +100,10 @@ class AppConfig:
     ckpt_path: Optional[str] = None
     """Resume from this checkpoint (e.g. ``.../checkpoints/last.ckpt``): the optimizer step, the
     REPA schedule and its cutoff state continue where they were."""
+    simpletuner_config: Optional[str] = None
+    """A SimpleTuner `config.json` / `config.toml`: the callbacks come from its crepa_ / urepa_ / irepa_ /
+    layersync_ settings (`lightning_repa.from_simpletuner`), with the `repa.<option>=value` overrides of
+    the command line laid on each; the rest of the `repa` node is not read."""
     task_name: str = "repa"
     """Names the run (output directory, W&B run name)."""
 

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import lightning_repa.apps.hydra_config  # noqa: F401  (registers the schemas and resolvers)
-from lightning_repa.apps.runtime import check_config, torch_threads
+from lightning_repa.apps.runtime import check_config, run_app, say, torch_threads
 from lightning_repa.choices import Cache
 from lightning_repa.config import RepaConfig, resolve
 from lightning_repa.teachers.build import build_teacher, load_config_encoder
@@ -46,11 +46,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     there), ``entries`` (in the cache now) and ``seconds``.
     """
     check_config(cfg)
+    cache = Cache.parse(cfg.repa.get("cache", "none"), "repa.cache")
+    if cache is not Cache.disk:
+        raise ValueError(f"lightning-repa-cache writes a disk cache: keep repa.cache=disk (got repa.cache="
+                         f"{cache.value}) and give repa.cache_dir=PATH, the directory training reads")
     if not cfg.repa.get("cache_dir"):
         raise ValueError("lightning-repa-cache needs the cache directory: repa.cache_dir=PATH (the same as in training)")
     config = RepaConfig.from_node(cfg.repa)  # every option checked before anything is built
-    if config.cache is not Cache.disk:
-        raise ValueError(f"lightning-repa-cache writes a disk cache: set repa.cache=disk (got {config.cache.value})")
     options = cfg.precompute
     if options.split not in SPLITS:
         raise ValueError(f"`precompute.split` can be {', '.join(SPLITS)}, got {options.split!r}")
@@ -85,8 +87,8 @@ def precompute(teacher: CachedTeacher, loaders: Iterable[Iterable[Mapping[str, A
         store.flush()  # an interrupted run keeps what it computed
     result = {"cache_dir": store.root, "samples": samples, "computed": computed, "cached": samples - computed,
               "entries": len(store), "seconds": time.perf_counter() - start}
-    print(f"lightning-repa-cache: {samples} samples read, {computed} computed, {samples - computed} already cached; "
-          f"{result['entries']} entries in {store.root} (was {before}); {result['seconds']:.1f} s", flush=True)
+    say(f"lightning-repa-cache: {samples} samples read, {computed} computed, {samples - computed} already cached; "
+          f"{result['entries']} entries in {store.root} (was {before}); {result['seconds']:.1f} s")
     return result
 
 
@@ -152,7 +154,7 @@ def _device(name: str) -> torch.device:
 @hydra.main(version_base="1.3", config_path="pkg://lightning_repa.conf", config_name="cache")
 def main(cfg: DictConfig) -> None:
     """Entry point of ``lightning-repa-cache`` (see the module docstring)."""
-    run(cfg)
+    run_app("lightning-repa-cache", run, cfg)
 
 
 if __name__ == "__main__":

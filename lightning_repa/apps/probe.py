@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import lightning_repa.apps.hydra_config  # noqa: F401  (the `repa_demo_teacher` resolver of encoder/demo_vit.yaml)
-from lightning_repa.apps.runtime import output_dir, torch_threads
+from lightning_repa.apps.runtime import output_dir, run_app, say, torch_threads
 from lightning_repa.callbacks.attach import is_projector_key
 from lightning_repa.choices import Decoder
 from lightning_repa.config import RepaConfig, resolve
@@ -128,13 +128,13 @@ def _print_summary(result: Mapping[str, Any]) -> None:
     lines.append(f"JSON        {files.get('json')}")
     lines.append(f"plot        {files.get('png') or 'not written (matplotlib missing)'}")
     lines.append(bar)
-    print("\n".join(lines), flush=True)
+    say("\n".join(lines))
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lightning_repa.conf", config_name="probe")
 def main(cfg: Any) -> None:
     """Entry point of ``lightning-repa-probe`` (see the module docstring)."""
-    run(cfg)
+    run_app("lightning-repa-probe", run, cfg)
 
 
 if __name__ == "__main__":

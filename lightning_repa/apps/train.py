@@ -1,7 +1,7 @@
 """The Hydra training app: ``lightning-repa-train`` / ``python -m lightning_repa.apps.train``.
 
 ``main()`` is the thin ``@hydra.main`` shim; ``run(cfg)`` does the work and is what tests call
-with a config from ``hydra.compose``. (``python -m lightning_repa.apps.train`` runs it too.) With no arguments the app runs the CPU demo (REPA on
+with a config from ``hydra.compose``. With no arguments the app runs the CPU demo (REPA on
 scikit-learn's digits); ``experiment=demo`` pins it. The configs live in ``lightning_repa/conf``
 (shipped with the package, so the app works from any directory)::
 
@@ -9,24 +9,26 @@ scikit-learn's digits); ``experiment=demo`` pins it. The configs live in ``light
     lightning-repa-train experiment=demo trainer.max_steps=800 repa.lam=1.0 logger=[wandb,csv]
     lightning-repa-train -m experiment=demo repa.lam=0.25,0.5
     lightning-repa-train experiment=demo ckpt_path=outputs/demo/<time>/checkpoints/last.ckpt trainer.max_steps=800
+    lightning-repa-train simpletuner_config=config.json model=my_flux data=my_latents repa.encoder_checkpoint=PATH
 """
 
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import hydra
 import lightning.pytorch as pl
-import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_repa.apps.hydra_config  # noqa: F401  (registers the schemas and resolvers)
-from lightning_repa.apps.runtime import check_config, output_dir, torch_threads
+from lightning_repa.apps.runtime import check_config, output_dir, run_app, say, torch_threads
+from lightning_repa.apps.samples import ValidationGrids, grid_title, save_grid
 from lightning_repa.callbacks.repa import RepaCallback
 
 __all__ = ["main", "run"]
@@ -36,7 +38,7 @@ __all__ = ["main", "run"]
 _QUIET = (r".*does not have many workers.*", r".*is smaller than the logging interval.*", r".*LeafSpec.*")
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+def run(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Train with REPA as configured; return where things went and the last logged metrics.
 
     Checks the config first (values left ``???``, then ``RepaCallback.from_config(cfg.repa)``, so
@@ -48,18 +50,36 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     Returns a dict with ``output_dir``, ``global_step``, ``checkpoint`` (last.ckpt), ``samples``
     (PNG or None), ``wandb_dir`` (run directory or None), ``csv`` (metrics.csv or None) and
-    ``metrics`` (the trainer's last logged values, as floats).
+    ``metrics`` (the trainer's last logged values, as floats). `overrides`: the command line's
+    overrides, read with `simpletuner_config` (see `alignment_callbacks`).
     """
     check_config(cfg)
     _check_shared_hyperparameters(cfg)
-    repa = RepaCallback.from_config(cfg.repa)  # option errors before anything is seeded or built
+    callbacks = alignment_callbacks(cfg, overrides)  # option errors before anything is seeded or built
     import lightning_repa.demo  # noqa: F401  (registers the shipped digits teacher with timm)
 
     with torch_threads(cfg.torch_threads):
-        return _run(cfg, repa)
+        return _run(cfg, callbacks)
 
 
-def _run(cfg: DictConfig, repa: RepaCallback) -> dict[str, Any]:
+def alignment_callbacks(cfg: DictConfig, overrides: Optional[Sequence[str]] = None) -> list[RepaCallback]:
+    """The RepaCallbacks of a run: one from the `repa` node; or, with `simpletuner_config`, one per
+    method the SimpleTuner file enables, with the `repa.<option>=value` overrides of the command line
+    (`overrides`; under `@hydra.main` the run's own) laid on each."""
+    if not cfg.get("simpletuner_config"):
+        return [RepaCallback.from_config(cfg.repa)]
+    from lightning_repa.simpletuner import simpletuner_options, with_overrides
+
+    if overrides is None:
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    names = [o.split("=", 1)[0].lstrip("+~")[len("repa."):] for o in overrides if o.lstrip("+~").startswith("repa.")]
+    repa = OmegaConf.to_container(cfg.repa, resolve=True, enum_to_str=True)
+    given = {name: repa[name] for name in names}
+    options = simpletuner_options(str(cfg.simpletuner_config), family=given.get("family"))
+    return [RepaCallback(**o) for o in with_overrides(options, given)]
+
+
+def _run(cfg: DictConfig, callbacks: list[RepaCallback]) -> dict[str, Any]:
     # One seed for the whole run: the global RNGs here (noise, timesteps, label dropout, the
     # projector's init); the demo's model.seed and data.seed follow ${seed} in their files.
     pl.seed_everything(cfg.seed, workers=True)
@@ -70,7 +90,9 @@ def _run(cfg: DictConfig, repa: RepaCallback) -> dict[str, Any]:
     model: pl.LightningModule = instantiate(cfg.model)
     checkpoint: ModelCheckpoint = instantiate(cfg.checkpoint)
     loggers: list[Logger] = [_logger(name, node) for name, node in (cfg.logger or {}).items() if node]
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[repa, checkpoint], logger=loggers or False)
+    grids = ValidationGrids(out / "samples", cfg.sample, callbacks) if cfg.sample.enabled else None
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, checkpoint, *([grids] if grids else [])],
+                                      logger=loggers or False)
 
     hparams = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     for logger in loggers:
@@ -91,7 +113,7 @@ def _run(cfg: DictConfig, repa: RepaCallback) -> dict[str, Any]:
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
     }
     if trainer.is_global_zero:
-        result["samples"] = _save_samples(cfg, model, out, loggers, trainer.global_step)
+        result["samples"] = _save_samples(cfg, model, out, loggers, trainer.global_step, callbacks)
         for logger in loggers:
             if isinstance(logger, WandbLogger):
                 result["wandb_dir"] = _wandb_run_dir(logger)
@@ -130,22 +152,14 @@ def _logger(name: str, node: DictConfig) -> Logger:
     return instantiate(node)
 
 
-def _save_samples(
-    cfg: DictConfig, model: pl.LightningModule, output_dir: Path, loggers: list[Logger], step: int
-) -> Optional[Path]:
+def _save_samples(cfg: DictConfig, model: pl.LightningModule, output_dir: Path, loggers: list[Logger], step: int,
+                  callbacks: list[RepaCallback]) -> Optional[Path]:
     if not cfg.sample.enabled:
         return None
     if not hasattr(model, "save_sample_grid"):
-        print(f"(no sample grid: {type(model).__name__} has no `save_sample_grid`)")
+        say(f"(no sample grid: {type(model).__name__} has no `save_sample_grid`)")
         return None
-    s = cfg.sample
-    path = model.save_sample_grid(
-        output_dir / s.filename, steps=s.steps, per_class=s.per_class, guidance=s.guidance, scale=s.scale, seed=s.seed
-    )
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_image(key="samples", images=[str(path)], step=step, caption=[f"step {step}"])
-    return Path(path)
+    return save_grid(model, output_dir / cfg.sample.filename, cfg.sample, loggers, step, grid_title(step, callbacks))
 
 
 def _wandb_run_dir(logger: WandbLogger) -> Optional[Path]:
@@ -178,13 +192,13 @@ def _print_summary(result: dict[str, Any]) -> None:
         lines.append(f"checkpoint  {result['checkpoint']}   (resume: ckpt_path=<this> trainer.max_steps=<more>)")
     lines.append(f"output dir  {result['output_dir']}")
     bar = "=" * 78
-    print("\n".join(["", bar, "lightning-repa-train: done", *lines, bar]), flush=True)
+    say("\n".join(["", bar, "lightning-repa-train: done", *lines, bar]))
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lightning_repa.conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     """Entry point of ``lightning-repa-train`` (see the module docstring)."""
-    run(cfg)
+    run_app("lightning-repa-train", run, cfg)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from lightning_repa.models.surgery import get_path, plain_tensor_init, require_d
 from lightning_repa.objectives.projectors import build_projector
 from lightning_repa.teachers.build import build_teacher
 from lightning_repa.teachers.decoders import drop_vae_encoder
+from lightning_repa.teachers.pixels import check_pixel_range
 
 
 PROJECTOR_ATTR = "repa_projector"
@@ -129,3 +130,16 @@ def attach(repa: Any, module: nn.Module) -> bool:
     hidden = family.hidden_size(denoiser)
     return attach_projector(module, repa.projector_attr, cfg, hidden, repa.step.teacher.embed_dim or hidden,
                             next(denoiser.parameters()).device, repa.teacher_name, projector_seed(repa.projector_attr))
+
+
+def check_pixels(batch: Mapping[str, Any], cfg: RepaConfig) -> None:
+    """decoder=pixels: the first batch's pixels have a dtype and a range the teacher reads as meant."""
+    if cfg.decoder is Decoder.pixels:
+        check_pixel_range(batch[cfg.pixels_key], cfg.pixels_range, cfg.pixels_key)
+
+
+def has_validation(module: nn.Module, trainer: Any) -> bool:
+    """Whether the fit runs a validation loop: a `validation_step` of the user's class, and batches."""
+    overridden = any("validation_step" in vars(c) for c in type(module).__mro__
+                     if not c.__module__.startswith(("lightning.", "pytorch_lightning.")))
+    return overridden and trainer.limit_val_batches != 0

@@ -89,6 +89,10 @@ class StepMetrics:
         means["skipped"] = float(self.skipped_total)
         return similarity, means
 
+    def reset_counts(self) -> None:
+        """Forget the skipped steps of an earlier fit."""
+        self.skipped_total = self.skipped_in_a_row = 0
+
     def state_dict(self) -> dict[str, Any]:
         return {"skipped_total": self.skipped_total, "skipped_in_a_row": self.skipped_in_a_row}
 

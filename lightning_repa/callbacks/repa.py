@@ -12,16 +12,11 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_repa.alignment import AlignmentStep, StepResult
-from lightning_repa.callbacks.attach import (
-    PROJECTOR_ATTR,
-    attach,
-    batch_latents,
-    check_projector_trains,
-    frozen_message,
-    log_prefixes,
-)
+from lightning_repa.callbacks.attach import (PROJECTOR_ATTR, attach, batch_latents, check_projector_trains,
+                                             frozen_message, log_prefixes)
 from lightning_repa.callbacks.cknna import HeldOutCknna
-from lightning_repa.callbacks.checkpoint import legacy_state_keys, teacher_name
+from lightning_repa.callbacks.checkpoint import (add_optimizer_entries, changes, find_state, prepare_projector,
+                                                 record_projectors, saved_settings, settings, teacher_name)
 from lightning_repa.callbacks.metrics import StepMetrics
 from lightning_repa.callbacks.training_step import AlignedTrainingStep
 from lightning_repa.config import RepaConfig, resolve
@@ -35,14 +30,12 @@ class RepaCallback(Callback):
     r"""Adds representation alignment (REPA and its relatives: the method and the teacher come from the
     options) to a LightningModule that trains a diffusers denoiser.
 
-    In ``setup`` the trainable projector is attached to the module (as ``repa_projector``, so
-    ``configure_optimizers`` over ``self.parameters()``, checkpoints and DDP see it), with the teacher,
-    and ``training_step`` is wrapped; in ``on_fit_start`` forward hooks go on the chosen block. Each
-    step the hook captures that block's image tokens and :class:`~lightning_repa.alignment.AlignmentStep`
-    compares them with the teacher's tokens of the clean batch through the method's objective;
-    ``weight * loss`` is added to the loss the step returns, so it reaches backward. After each
-    optimizer step the schedule, the similarity EMA and the cutoff advance and ``repa/*`` is logged
-    through ``pl_module.log``.
+    In ``setup`` the trainable projector is attached to the module (as ``repa_projector``: the optimizer,
+    checkpoints and DDP see it) and ``training_step`` is wrapped; in ``on_fit_start`` forward hooks go
+    on the chosen block. Each step :class:`~lightning_repa.alignment.AlignmentStep` compares the
+    block's image tokens with the teacher's tokens of the clean batch and ``weight * loss`` is added
+    to the step's loss, before backward. After each optimizer step the schedule, the similarity EMA
+    and the cutoff advance and ``repa/*`` is logged through ``pl_module.log``.
 
     Args:
         config: a :class:`~lightning_repa.config.RepaConfig`; or its fields as keyword arguments
@@ -89,6 +82,7 @@ class RepaCallback(Callback):
         self._wrappers: Optional[InstanceWrappers] = None
         self._built_encoder: Optional[nn.Module] = None
         self._attached = self._created_projector = self._checked_gradients = False
+        self._fresh_projector: Optional[dict[str, Any]] = None  # a checkpoint without it, to complete
         self._warned: set[str] = set()
 
     @classmethod
@@ -142,17 +136,25 @@ class RepaCallback(Callback):
         mine = [cb for cb in trainer.callbacks if isinstance(cb, RepaCallback)]
         self.projector_attr = PROJECTOR_ATTR if len(mine) == 1 else f"{PROJECTOR_ATTR}_{mine.index(self)}"
         self.log_prefix = log_prefixes([(cb.config.name, cb.teacher_name) for cb in mine])[mine.index(self)]
+        self.cutoff.reset()  # a fit starts fresh; a resumed one gets its state back from the checkpoint
+        self.metrics.reset_counts()
         self._wrappers = InstanceWrappers(pl_module)
         self._aligned = AlignedTrainingStep(self, trainer, pl_module, self._warn_once)
-        original = pl_module.configure_model
+        configure, load = pl_module.configure_model, pl_module.on_load_checkpoint
 
         def configure_model() -> None:  # a plain closure: `is_overridden` must not unwrap it
-            original()
+            configure()
             self._created_projector, self._attached = attach(self, pl_module), True
+
+        def on_load_checkpoint(checkpoint: dict[str, Any]) -> None:  # before the module's weights load
+            load(checkpoint)
+            fresh = prepare_projector(self, pl_module, checkpoint, sole=len(mine) == 1)
+            self._fresh_projector = checkpoint if fresh else None
 
         # After LM.setup and the module's own configure_model, before the checkpoint restore,
         # configure_optimizers and DDP: the denoiser and the VAE exist, the optimizer does not yet.
         self._wrappers.install("configure_model", configure_model)
+        self._wrappers.install("on_load_checkpoint", on_load_checkpoint)
         self._wrappers.install("training_step", self._aligned.wrap(pl_module.training_step))
 
     # --- fit start: hooks, gate ------------------------------------------------------------------
@@ -161,17 +163,21 @@ class RepaCallback(Callback):
         """Check the optimizer holds the projector, build the gate, put the hooks on the blocks."""
         cfg = self.config
         if not self._attached:  # configure_model was bypassed (a strategy that does not call it)
-            self._created_projector = attach(self, pl_module)
-        self._attached = True
-        check_projector_trains(getattr(pl_module, self.projector_attr), self.projector_attr, trainer.optimizers)
+            self._created_projector, self._attached = attach(self, pl_module), True
+        projector = getattr(pl_module, self.projector_attr)
+        check_projector_trains(projector, self.projector_attr, trainer.optimizers)
+        if self._fresh_projector is not None:  # the optimizer states load after this hook
+            add_optimizer_entries(self._fresh_projector, projector, trainer.optimizers)
+            self._fresh_projector = None
         schedule = self._aligned.start(require_denoiser(pl_module, self.family, cfg.denoiser))
         self.teacher.to(pl_module.device)
         self.teacher.set_autocast(torch.bfloat16 if "bf16" in str(trainer.precision) else None)
         self.metrics.to(pl_module.device).reset()
         self._checked_gradients = False
         self._cknna.reset()
-        rank_zero_info(f"REPA: family={self.family.name}, block {self.block_index} of {len(self._aligned.capture.blocks)}, "
-                       f"method={self.method.value}, teacher={cfg.teacher.value}, projector={cfg.projector.value}, {schedule}")
+        blocks = len(self._aligned.capture.blocks)
+        rank_zero_info(f"REPA: family={self.family.name}, block {self.block_index} of {blocks}, method="
+                       f"{self.method.value}, teacher={cfg.teacher.value}, projector={cfg.projector.value}, {schedule}")
 
     def compute_loss(self, batch: Mapping[str, Any]) -> Tensor:
         """The weighted alignment loss of this micro-batch (a scalar); with manual optimization, call it
@@ -255,35 +261,39 @@ class RepaCallback(Callback):
             self._cleanup()
 
     def _cleanup(self) -> None:
-        if self._aligned is not None and self._aligned.capture is not None:
-            self._aligned.capture.detach()
-        if self._wrappers is not None:
-            self._wrappers.remove()
         if self._aligned is not None:
             self._aligned.clear()
+        if self._wrappers is not None:
+            self._wrappers.remove()
         self._attached = self._created_projector = False
 
     # --- checkpoint ------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        """The cutoff's EMA, latch and settings, and the count of skipped steps."""
-        return {"cutoff": self.cutoff.state_dict(), "metrics": self.metrics.state_dict()}
+        """The cutoff's EMA, latch and settings, the count of skipped steps and the run's settings."""
+        return {"cutoff": self.cutoff.state_dict(), "metrics": self.metrics.state_dict(), "settings": settings(self)}
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Note which optimizer entries are the projector's (`strip_projectors` removes them)."""
+        record_projectors(checkpoint, self.projector_attr, getattr(pl_module, self.projector_attr), trainer.optimizers)
 
     @override
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        """Find this callback's state under the keys earlier versions wrote (before `load_state_dict`)."""
+        """Find this callback's state, also where an earlier version or other settings keyed it."""
         states = checkpoint.get("callbacks") or {}
-        old = next((k for k in legacy_state_keys(self) if k in states), None)
-        if self.state_key not in states and old is not None:
-            states[self.state_key] = states.pop(old)
+        key = find_state(self, states, sole=self.projector_attr == PROJECTOR_ATTR)
+        if key is not None and key != self.state_key:
+            old = states.pop(key)
+            states[self.state_key] = {**old, "settings": saved_settings(key, old)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the cutoff; warn when its settings differ from the checkpoint's."""
-        changed = self.cutoff.load_state_dict(state_dict["cutoff"])
+        """Restore the cutoff and the skip count; warn when settings differ from the checkpoint's."""
+        changed = [*changes(state_dict.get("settings", {}), settings(self)), *self.cutoff.load_state_dict(
+            state_dict["cutoff"])]
         self.metrics.load_state_dict(state_dict.get("metrics", {}))
         if changed:
-            rank_zero_warn(
-                f"REPA ({self.state_key}): resuming with cutoff settings that differ from the checkpoint's "
-                f"({'; '.join(changed)}); the saved EMA and latch are kept and the new settings apply from now on"
-            )
+            rank_zero_warn(f"REPA ({self.state_key}): resuming with settings that differ from the checkpoint's "
+                           f"({'; '.join(changed)}); the saved EMA, latch and projector are kept and the new settings "
+                           "apply from now on")

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_repa.alignment import StepResult
-from lightning_repa.callbacks.attach import batch_latents
+from lightning_repa.callbacks.attach import batch_latents, check_pixels, has_validation
 from lightning_repa.callbacks.metrics import StepRecord
 from lightning_repa.maths.schedule import Gate, StepPlan, WeightSchedule
 from lightning_repa.models.capture import BlockCapture
@@ -36,6 +36,7 @@ class AlignedTrainingStep:
         self.last_result: Optional[StepResult] = None
         self._record: Optional[StepRecord] = None  # the micro-batch in flight
         self._manual_called = False
+        self._checked_input = False  # the fit's first batch is looked at once (one host sync)
 
     def start(self, denoiser: nn.Module) -> WeightSchedule:
         """At fit start: hook the blocks of `denoiser` and build the gate; returns the schedule."""
@@ -45,6 +46,14 @@ class AlignedTrainingStep:
                                   self.trainer.max_steps)
         self.gate, self.plan, self._record = Gate(schedule, repa.cutoff), None, None
         self.capture.attach()
+        self._checked_input = False
+        steps = self.trainer.max_steps
+        self.warn("warmup", 0 < steps <= cfg.warmup_steps and cfg.lam > 0,
+                  f"warmup_steps={cfg.warmup_steps} is not shorter than the run (max_steps={steps}): the weight never "
+                  f"reaches lam={cfg.lam} (it ends at {schedule(steps - 1):.3g})")
+        self.warn("cknna-loop", cfg.cknna_every_n_steps > 0 and not has_validation(self.module, self.trainer),
+                  f"cknna_every_n_steps={cfg.cknna_every_n_steps} measures the first validation batch, but there is no "
+                  "validation loop (no validation_step, or limit_val_batches=0): no repa/cknna is logged")
         return schedule
 
     def close_step(self) -> Optional[dict[str, float]]:
@@ -81,6 +90,10 @@ class AlignedTrainingStep:
 
     def _begin(self, batch: Any) -> None:
         latents = batch_latents(batch, self.repa.config)
+        self.repa.step.objective.check_batch(latents.shape[0])
+        if not self._checked_input:
+            check_pixels(batch, self.repa.config)
+            self._checked_input = True
         step = self.trainer.global_step
         if self.plan is None or self.plan.step != step:  # first micro-batch of this optimizer step
             self.plan = self.gate.plan(step)
@@ -111,6 +124,9 @@ class AlignedTrainingStep:
 
     def compute_loss(self, batch: Mapping[str, Any]) -> Tensor:
         """The weighted alignment loss of this micro-batch (a scalar, 0 when it does not align)."""
+        if self._manual_called:
+            raise RuntimeError("compute_loss was called twice in one training_step: call it once per training_step "
+                               "(the micro-batch's aligned denoiser call is scored once)")
         self._manual_called = True
         repa, plan = self.repa, self._record.plan
         projector, metrics = getattr(self.module, repa.projector_attr), repa.metrics
@@ -142,5 +158,7 @@ class AlignedTrainingStep:
         return loss
 
     def clear(self) -> None:
-        """Forget the step in flight (the fit ended or failed)."""
+        """Take the hooks off and forget the step in flight (the fit ended or failed)."""
+        if self.capture is not None:
+            self.capture.detach()
         self.plan = self._record = None

@@ -57,12 +57,29 @@ class FlowMatching(L.LightningModule):
         return self.label_embedding(labels)[:, None]
 
     @staticmethod
-    def write_png(grid: np.ndarray, scale: int, path: Union[str, Path]) -> Path:
-        """A [0, 1] gray grid upscaled ``scale``x (nearest), written as an 8-bit PNG."""
+    def write_png(grid: np.ndarray, scale: int, path: Union[str, Path], title: str = "",
+                  rows: Sequence[tuple[int, str]] = (), columns: Sequence[tuple[int, str]] = ()) -> Path:
+        """A [0, 1] gray grid upscaled ``scale``x (nearest), written as an 8-bit PNG, with a title line
+        above it, a label left of each row and above each column (`rows`/`columns`: the centre of
+        each, in grid pixels, and its text)."""
+        from PIL import ImageDraw, ImageFont
+
         grid = np.kron(grid, np.ones((scale, scale), dtype=np.float32))
+        font = ImageFont.load_default()
+        left = 8 + max((int(font.getlength(text)) for _, text in rows), default=0)
+        top = (14 if title else 0) + (14 if columns else 0) + 4
+        canvas = Image.new("L", (grid.shape[1] + left + 4, grid.shape[0] + top + 4), 255)
+        canvas.paste(Image.fromarray((grid * 255.0 + 0.5).astype(np.uint8)), (left, top))
+        draw = ImageDraw.Draw(canvas)
+        if title:
+            draw.text((left, 2), title, fill=0, font=font)
+        for y, text in rows:
+            draw.text((4, top + y * scale - 6), text, fill=0, font=font)
+        for x, text in columns:
+            draw.text((left + x * scale - int(font.getlength(text)) // 2, top - 14), text, fill=0, font=font)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((grid * 255.0 + 0.5).astype(np.uint8)).save(path)
+        canvas.save(path)
         return path
 
     def _sample_t(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -154,9 +171,10 @@ class FlowMatching(L.LightningModule):
         guidance: float = 2.0,
         scale: int = 4,
         seed: int = 0,
+        title: str = "",
     ) -> Path:
-        """Write a PNG grid: one row per class 0..9, ``per_class`` samples each, upscaled ``scale``×
-        (nearest) with a 1-pixel (pre-scale) gap. Returns the path."""
+        """Write a PNG grid: one row per class 0..9 (labelled), ``per_class`` samples each, upscaled
+        ``scale``× (nearest) with a 1-pixel (pre-scale) gap, under `title`. Returns the path."""
         labels = torch.arange(10).repeat_interleave(per_class)
         imgs = self.sample(labels, steps=steps, guidance=guidance, seed=seed).cpu()  # (10·k, 1, S, S)
         s, pad = self.hparams.image_size, 1
@@ -165,7 +183,8 @@ class FlowMatching(L.LightningModule):
         for i, img in enumerate(imgs[:, 0].numpy()):
             r, c = divmod(i, per_class)
             grid[pad + r * cell : pad + r * cell + s, pad + c * cell : pad + c * cell + s] = img
-        return self.write_png(grid, scale, path)
+        rows = [(pad + r * cell + s // 2, f"class {r}") for r in range(10)]
+        return self.write_png(grid, scale, path, title, rows=rows)
 
 
 class FlowMatchingDiT(FlowMatching):

@@ -127,11 +127,13 @@ class FlowMatchingVideo(FlowMatching):
         guidance: float = 2.0,
         scale: int = 4,
         seed: int = 0,
+        title: str = "",
     ) -> Path:
         """Write a PNG strip: one row per sampled clip (classes 0..9, ``per_class`` clips each, in
         that order), its T frames side by side, upscaled ``scale``x (nearest) with a 1-pixel
         (pre-scale) gray gap. The image is ``(10 * per_class * (H + 1) + 1) * scale`` pixels high and
-        ``(T * (W + 1) + 1) * scale`` wide. Returns the path."""
+        ``(T * (W + 1) + 1) * scale`` wide, with the class left of each row, the frame index above each
+        column and `title` above. Returns the path."""
         hp = self.hparams
         labels = torch.arange(10).repeat_interleave(per_class)
         clips = self.sample(labels, steps=steps, guidance=guidance, seed=seed).cpu()  # (10·k, 1, T, H, W)
@@ -143,4 +145,6 @@ class FlowMatchingVideo(FlowMatching):
             for k, frame in enumerate(clip):
                 x = pad + k * (w + pad)
                 grid[y : y + h, x : x + w] = frame
-        return self.write_png(grid, scale, path)
+        rows = [(pad + r * (h + pad) + h // 2, f"class {int(label)}") for r, label in enumerate(labels)]
+        columns = [(pad + k * (w + pad) + w // 2, f"frame {k}") for k in range(t)]
+        return self.write_png(grid, scale, path, title, rows=rows, columns=columns)

@@ -76,20 +76,21 @@ def per_frame(x: Tensor, grid: tuple[int, ...]) -> tuple[Tensor, Grid]:
     return x.reshape(x.shape[0], t, h * w, x.shape[-1]), (h, w)
 
 
-def teacher_frames(latent_frames: int, pixel_frames: int) -> list[int]:
-    """The pixel frame each latent frame is aligned with (SPEC 5), for a causal video VAE whose
-    F = 1 + (T - 1) * r pixel frames give T latent frames: latent frame 0 <- pixel frame 0 (encoded
-    alone), latent frame t <- pixel frame t * r, the last frame of its group (t-1)*r+1 ... t*r.
-    F == T (one pixel frame per latent frame) is the identity. A 9-frame clip of a 4x VAE:
-    latent frames 0, 1, 2 <- pixel frames 0, 4, 8.
+def teacher_frames(latent_frames: int, pixel_frames: int, ratio: int) -> list[int]:
+    """The pixel frame each latent frame is aligned with (SPEC 5), for a causal video VAE of temporal
+    compression `ratio` (r): latent frame 0 holds pixel frame 0 (encoded alone) and latent frame
+    t >= 1 the frames (t-1)*r+1 .. t*r, of which the last, t*r, is taken. A clip longer than
+    1 + (T-1)*r frames loses its tail (the encoder drops those frames too); one pixel frame per latent
+    frame (F == T) is taken as it is. A 9-frame clip of a 4x VAE: latent frames 0, 1, 2 <- pixel
+    frames 0, 4, 8; an 8-frame clip: 2 latent frames <- 0, 4 (frame 7 dropped).
     """
     if pixel_frames == latent_frames:
         return list(range(latent_frames))
-    ratio, rest = divmod(pixel_frames - 1, max(latent_frames - 1, 1))
-    if latent_frames < 2 or rest or ratio < 1:
+    need = 1 + (latent_frames - 1) * ratio
+    if pixel_frames < need:
         raise ValueError(
-            f"{pixel_frames} pixel frames do not fit {latent_frames} latent frames: a causal video VAE of "
-            "temporal compression r gives 1 + (T - 1) * r pixel frames for T latent frames (or give one pixel "
-            "frame per latent frame)"
+            f"{pixel_frames} pixel frames are too few for {latent_frames} latent frames: a video VAE of temporal "
+            f"compression {ratio} makes them from 1 + ({latent_frames} - 1) * {ratio} = at least {need} frames (or "
+            "give one pixel frame per latent frame); `frames_per_latent` sets the compression"
         )
     return [t * ratio for t in range(latent_frames)]

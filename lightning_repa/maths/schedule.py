@@ -123,6 +123,11 @@ class Cutoff:
         self.ema: Optional[float] = None
         self.tripped_at: Optional[int] = None  # step of the update that switched it off (latched)
         self.below = True  # recoverable: the EMA is below the threshold
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the EMA and the latch (a new fit that does not resume from a checkpoint)."""
+        self.ema, self.tripped_at, self.below = None, None, True
 
     def update(self, similarity: float, step: int) -> None:
         """Fold one optimizer step's similarity (in [-1, 1]) into the EMA and the decision."""

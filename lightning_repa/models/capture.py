@@ -74,6 +74,7 @@ class BlockCapture:
         self._without_grad: set[int] = set()
         self._with_grad = True
         self.grad_calls = 0  # denoiser calls with gradients since `arm`
+        self.calls_without_grad = 0  # denoiser calls without gradients since `arm` (never aligned)
 
     # --- lifecycle -----------------------------------------------------------
     def attach(self) -> None:
@@ -106,6 +107,7 @@ class BlockCapture:
         self._armed, self._active, self._num_tokens = True, False, int(num_image_tokens)
         self._with_grad = with_grad
         self._call, self._captured, self._without_grad, self.grad_calls = None, {}, set(), 0
+        self.calls_without_grad = 0
 
     def disarm(self) -> None:
         self._armed, self._active, self._call = False, False, None
@@ -117,6 +119,19 @@ class BlockCapture:
     def take(self, index: int) -> Tensor:
         """The captured image tokens of block `index` (B, N, D); an error if it never ran."""
         if index not in self._captured:
+            if self.grad_calls and self._call is None:  # a predicate refused every call
+                raise RuntimeError(
+                    f"`align_call`: the predicate accepted none of the {self.grad_calls} denoiser calls with gradients "
+                    "in this training step, so nothing was aligned: it must return True for the call to align"
+                )
+            if not self.grad_calls and self.calls_without_grad:
+                raise RuntimeError(
+                    f"the denoiser ({type(self.denoiser).__name__}) ran {self.calls_without_grad} time without gradients "
+                    "in this training step and never with them, so the alignment loss cannot reach it: torch.no_grad "
+                    "around the call, or a reentrant torch.utils.checkpoint around the whole denoiser call (its first "
+                    "pass runs without gradients). Checkpoint with use_reentrant=False, or use the denoiser's own "
+                    "enable_gradient_checkpointing()"
+                )
             if index in self._without_grad:
                 raise RuntimeError(
                     f"block {index} of family={self.family.name!r} ran without gradients inside the aligned denoiser "
@@ -127,9 +142,9 @@ class BlockCapture:
                     "a block after the trainable layers)"
                 )
             raise RuntimeError(
-                f"block {index} (of {len(self.blocks)}) of family={self.family.name!r} did not run with gradients in "
-                "this training step: call the denoiser "
-                f"({type(self.denoiser).__name__}) inside training_step, through its forward"
+                f"block {index} (of {len(self.blocks)}) of family={self.family.name!r} did not run in this training "
+                f"step: call the denoiser ({type(self.denoiser).__name__}) inside training_step, through its forward"
+                + (" (the denoiser ran, but not this block)" if self.grad_calls else "")
             )
         return self._captured.pop(index)
 
@@ -142,8 +157,11 @@ class BlockCapture:
     # --- hooks ---------------------------------------------------------------
     def _on_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self._wrap_checkpointing()
-        if not self._armed or (self._with_grad and not torch.is_grad_enabled()):
-            return  # a no-grad pass (self-conditioning, a target) would give the denoiser no alignment gradient
+        if not self._armed:
+            return
+        if self._with_grad and not torch.is_grad_enabled():
+            self.calls_without_grad += 1  # a no-grad pass (self-conditioning, a target) gives no alignment gradient
+            return
         self.grad_calls += 1
         call = call_arguments(module, args, kwargs)
         rule = self.align_call
@@ -153,7 +171,7 @@ class BlockCapture:
         elif rule == "first":
             chosen = self._call is None
         else:
-            chosen = self._call is None and bool(rule(call))
+            chosen = self._call is None and _accepts(rule, call)
         if chosen:
             self._call, self._active = call, True
 
@@ -204,3 +222,12 @@ class BlockCapture:
             checkpointed._repa_capture = self  # type: ignore[attr-defined]
             self._checkpointing.setdefault(module, original)
             module._gradient_checkpointing_func = checkpointed
+
+
+def _accepts(rule: Callable[[dict[str, Any]], bool], call: dict[str, Any]) -> bool:
+    """An `align_call` predicate's answer; a missing argument is an error that lists the call's arguments."""
+    try:
+        return bool(rule(call))
+    except KeyError as error:
+        raise KeyError(f"`align_call`: the predicate read the argument {error}, which this denoiser call does not "
+                       f"have; the arguments of this call: {', '.join(sorted(call))}") from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,8 +44,23 @@ class BlockList:
 
     def stream(self, output: Any) -> Tensor:
         """The image stream of one block output, as tokens (B, L, D)."""
-        x = output if self.output is None else output[self.output]
+        x = output if self.output is None else self._element(output)
+        if not isinstance(x, Tensor):
+            what = f"a tuple of {len(x)}" if isinstance(x, (tuple, list)) else type(x).__name__
+            raise ValueError(f"block list `{self.attr}` returns {what}, not a tensor: set `output` to the element "
+                             f"that holds the image stream (0..{len(x) - 1 if isinstance(x, (tuple, list)) else 0})")
         return x.flatten(2).transpose(1, 2) if self.feature_map else x  # (B, H*W, C) from (B, C, H, W)
+
+    def _element(self, output: Any) -> Any:
+        n = len(output) if isinstance(output, (tuple, list)) else None
+        if n is None or not -n <= self.output < n:
+            what = f"a tuple of {n}" if n is not None else f"a {type(output).__name__}"
+            choices = f"; use {' or '.join(map(str, range(n)))}" if n else "; remove `output`"
+            raise ValueError(f"block list `{self.attr}` has output={self.output}, but its blocks return {what}{choices}")
+        if output[self.output] is None:
+            raise ValueError(f"element {self.output} of the output of `{self.attr}` is None (a stream this block does "
+                             "not return): set `output` to the image stream's element")
+        return output[self.output]
 
     def modules(self, model: nn.Module, family: str) -> list[nn.Module]:
         found: Any = model
@@ -133,6 +148,7 @@ class Family:
     width: Callable[[nn.Module], int] = _transformer_width  # channels of the captured stream
     stride: Callable[[nn.Module], tuple[int, ...]] = _patch_stride  # latent positions per token: (h, w) or (t, h, w)
     video: bool = False  # latents (B, C, T, h, w); tokens per frame
+    temporal_compression: int = 1  # video: pixel frames per latent frame of the family's VAE (when none is attached)
 
     # --- structure ---------------------------------------------------------
     def check_class(self, model: nn.Module) -> None:
@@ -232,18 +248,20 @@ FAMILIES: dict[str, Family] = {
                  width=_unet_width, stride=_unet_stride) for name in ("sdxl", "sd15", "kolors")),
         # CREPA: video DiTs, image tokens only in every block, (T', H', W') row-major (per frame).
         Family("wan", Method.crepa, ("WanTransformer3DModel",), (BlockList("blocks"),), 8, stride=_video_stride,
-               video=True),
+               video=True, temporal_compression=4),
         Family("ltxvideo", Method.crepa, ("LTXVideoTransformer3DModel",), (BlockList("transformer_blocks"),), 8,
-               stride=_video_stride, video=True),
+               stride=_video_stride, video=True, temporal_compression=8),
         Family("sanavideo", Method.crepa, ("SanaVideoTransformer3DModel",), (BlockList("transformer_blocks"),), 10,
-               stride=_video_stride, video=True),
+               stride=_video_stride, video=True, temporal_compression=4),
         Family("kandinsky5_video", Method.crepa, ("Kandinsky5Transformer3DModel",),
-               (BlockList("visual_transformer_blocks", select=_no_fractal),), 8, stride=_video_stride, video=True),
+               (BlockList("visual_transformer_blocks", select=_no_fractal),), 8, stride=_video_stride, video=True,
+               temporal_compression=4),
         Family("hunyuan_video15", Method.crepa, ("HunyuanVideo15Transformer3DModel",),
-               (BlockList("transformer_blocks", 0),), 8, stride=_video_stride, video=True),
+               (BlockList("transformer_blocks", 0),), 8, stride=_video_stride, video=True, temporal_compression=4),
         # LTX-2: (video, audio) blocks; the video stream holds N noisy tokens, then IC-LoRA/keyframe tokens.
         Family("ltx2", Method.crepa, ("LTX2VideoTransformer3DModel",),
-               (BlockList("transformer_blocks", 0, _first),), 8, stride=_video_stride, video=True),
+               (BlockList("transformer_blocks", 0, _first),), 8, stride=_video_stride, video=True,
+               temporal_compression=8),
     )
 }
 
@@ -256,7 +274,7 @@ STRIDES: dict[str, Callable[[nn.Module], tuple[int, ...]]] = {
 """How latent positions per token are read from the model, by name (`stride:`)."""
 
 _SPEC_KEYS = {"name", "method", "classes", "blocks", "default_block_index", "pack", "latent_format", "width",
-              "stride", "video"}
+              "stride", "video", "temporal_compression"}
 _BLOCK_KEYS = {"attr", "output", "select", "feature_map"}
 
 
@@ -281,7 +299,8 @@ def family_from_dict(spec: Mapping[str, Any]) -> Family:
     stream, or null for a tensor), `select` (where the image tokens sit: a name of `SELECTORS`,
     default "all"), `feature_map` (a (B, C, H, W) output)), `default_block_index`; optional
     `method` (repa), `pack` (spatial packing by the pipeline, 1), `latent_format` ("kl"),
-    `width` ("transformer" or "unet"), `stride` ("patch", "unet" or "video"), `video` (False).
+    `width` ("transformer" or "unet"), `stride` ("patch", "unet" or "video"), `video` (False),
+    `temporal_compression` (video: pixel frames per latent frame of its VAE, 1).
     """
     unknown = set(spec) - _SPEC_KEYS
     missing = {"name", "classes", "blocks", "default_block_index"} - set(spec)
@@ -291,6 +310,9 @@ def family_from_dict(spec: Mapping[str, Any]) -> Family:
             f"{'; ' if unknown and missing else ''}{'missing keys ' + str(sorted(missing)) if missing else ''} "
             f"(keys: {', '.join(sorted(_SPEC_KEYS))})"
         )
+    if isinstance(spec["blocks"], (str, Mapping)) or not isinstance(spec["blocks"], Sequence):
+        raise ValueError(f"family {spec['name']!r}: `blocks` must be a list of block lists in forward order, e.g. "
+                         f"[{{'attr': 'transformer_blocks', 'output': 1}}], got {spec['blocks']!r}")
     blocks = []
     for block in spec["blocks"]:
         block = {"attr": block} if isinstance(block, str) else dict(block)
@@ -306,7 +328,7 @@ def family_from_dict(spec: Mapping[str, Any]) -> Family:
         pack=int(spec.get("pack", 1)), latent_format=str(spec.get("latent_format", "kl")),
         width=_named(WIDTHS, spec.get("width", "transformer"), "width"),
         stride=_named(STRIDES, spec.get("stride", "video" if spec.get("video") else "patch"), "stride"),
-        video=bool(spec.get("video", False)),
+        video=bool(spec.get("video", False)), temporal_compression=int(spec.get("temporal_compression", 1)),
     )
 
 

@@ -95,5 +95,8 @@ class Objective:
             projected, teacher = pool_tokens(projected), pool_tokens(teacher)  # (..., 1, D)
         return projected, teacher.to(projected.device)
 
+    def check_batch(self, batch_size: int) -> None:
+        """Refuse a micro-batch this objective cannot score (checked on every micro-batch, before training)."""
+
     def __call__(self, student: Tensor, grid_s: Grid, teacher: TeacherTokens, projector: nn.Module) -> AlignResult:
         raise NotImplementedError(f"{type(self).__name__} must implement __call__")

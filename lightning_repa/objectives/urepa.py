@@ -31,6 +31,14 @@ class URepaObjective(Objective):
     def from_config(cls, cfg: Any) -> "URepaObjective":
         return cls(cfg.manifold_weight, cfg.manifold_scope, **cls.common(cfg))
 
+    def check_batch(self, batch_size: int) -> None:
+        if self.manifold_scope == ManifoldScope.batch.value and batch_size < 2:
+            raise ValueError(
+                f"manifold_scope='batch' compares the samples of a batch with each other, but this is a batch of "
+                f"{batch_size} sample: its manifold term would be 0. Use manifold_scope='tokens' (token pairs within "
+                "each sample), or batches of at least 2 (drop_last=True drops a last batch of 1)"
+            )
+
     def __call__(self, student: Tensor, grid_s: Grid, teacher: TeacherTokens, projector: nn.Module) -> AlignResult:
         p, f = self.align(student, grid_s, teacher, projector)  # (B, M, D) each
         similarity = token_cosine(p, f).mean()  # ()

@@ -3,7 +3,7 @@ attaches its projector, whose width is the teacher's). No Lightning."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from torch import nn
 
@@ -30,7 +30,8 @@ def build_teacher(
     if cfg.teacher is Teacher.backbone:
         return BackboneTeacher(cfg.teacher_block_index)
     teacher = EncoderTeacher(
-        build_encoder(), _build_decoder(cfg, family, module), cfg.pixels_key, cfg.pixels_range, cfg.encoder_batch_size
+        build_encoder(), _build_decoder(cfg, family, module), cfg.pixels_key, cfg.pixels_range, cfg.encoder_batch_size,
+        temporal_compression(cfg, family, get_path(module, cfg.vae_attr)),
     )
     if cfg.cache is Cache.none:
         return teacher
@@ -51,3 +52,21 @@ def _build_decoder(cfg: RepaConfig, family: Family, module: nn.Module) -> Option
         )
     tae = load_tiny_decoder(cfg.tae_checkpoint, family.latent_format) if cfg.decoder is Decoder.tae else None
     return LatentDecoder(cfg.decoder, family.latent_format, vae=vae, tae=tae)
+
+
+def temporal_compression(cfg: RepaConfig, family: Family, vae: Any) -> Optional[int]:
+    """A video family's pixel frames per latent frame: the attached VAE's (config
+    `temporal_compression_ratio`, or Wan's `2 ** sum(temperal_downsample)`), else `frames_per_latent`,
+    else the family's; None for image families. An option that contradicts the VAE is an error."""
+    if not family.video:
+        return None
+    config = getattr(vae, "config", None) or {}
+    ratio = config.get("temporal_compression_ratio")  # HunyuanVideo (1.5), LTX-2
+    if ratio is None and vae is not None:
+        ratio = vars(vae).get("temporal_compression_ratio")  # LTX-Video sets it on the instance
+    if ratio is None and config.get("temperal_downsample") is not None:  # Wan (and SANA-Video's Wan VAE)
+        ratio = 2 ** sum(bool(x) for x in config["temperal_downsample"])
+    if ratio is not None and cfg.frames_per_latent not in (None, ratio):
+        raise ValueError(f"`frames_per_latent`={cfg.frames_per_latent}, but the VAE at `vae_attr`={cfg.vae_attr!r} "
+                         f"compresses {ratio} pixel frames into one latent frame: remove the option")
+    return int(ratio or cfg.frames_per_latent or family.temporal_compression)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_repa.choices import Decoder
+from lightning_repa.teachers.pixels import unit_clamp
 
 LatentTransform = Callable[[Tensor, Any], Tensor]
 
@@ -27,6 +28,13 @@ LatentTransform = Callable[[Tensor, Any], Tensor]
 def _cfg(vae: Any, key: str) -> Any:
     config = getattr(vae, "config", None)
     return getattr(config, key, None) if config is not None else None
+
+
+def _buffer(module: Any, name: str) -> Optional[Tensor]:
+    """A buffer registered on `module` itself (never a config value read through the module, which
+    diffusers deprecates with a FutureWarning)."""
+    buffers = dict(module.named_buffers(recurse=False)) if isinstance(module, nn.Module) else {}
+    return buffers.get(name)
 
 
 def _kl_to_raw(z: Tensor, vae: Any) -> Tensor:
@@ -37,8 +45,7 @@ def _kl_to_raw(z: Tensor, vae: Any) -> Tensor:
     if vae is None:
         raise ValueError("undoing the latent scaling needs the VAE's config: attach the VAE (`vae_attr`)")
     sf = _cfg(vae, "scaling_factor") or 1.0
-    mean = _cfg(vae, "latents_mean") if _cfg(vae, "latents_mean") is not None else getattr(vae, "latents_mean", None)
-    std = _cfg(vae, "latents_std") if _cfg(vae, "latents_std") is not None else getattr(vae, "latents_std", None)
+    mean, std = (_cfg(vae, k) if _cfg(vae, k) is not None else _buffer(vae, k) for k in ("latents_mean", "latents_std"))
     if mean is not None and std is not None:
         shape = (1, -1) + (1,) * (z.dim() - 2)
         mean = torch.as_tensor(mean, dtype=z.dtype, device=z.device).view(shape)
@@ -203,15 +210,3 @@ def drop_vae_encoder(vae: Any, vae_attr: str = "vae") -> None:
 def _discard_encoder_keys(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     for key in [k for k in state_dict if k.startswith((prefix + "encoder.", prefix + "quant_conv."))]:
         del state_dict[key]
-
-
-def pixels_to_unit(pixels: Tensor, pixels_range: tuple[float, float] | list[float]) -> Tensor:
-    """Batch images in `pixels_range` ([0, 1] or [-1, 1]) -> [0, 1]."""
-    lo, hi = float(pixels_range[0]), float(pixels_range[1])
-    return unit_clamp((pixels.float() - lo) / (hi - lo))
-
-
-def unit_clamp(images: Tensor) -> Tensor:
-    """Clamp to [0, 1], except that NaN and infinities become NaN: a corrupt image must stay visible
-    to the non-finite check of the callback (a clamped infinity would pass as white)."""
-    return torch.where(torch.isfinite(images), images.clamp(0, 1), torch.nan)

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from lightning_repa.maths.align import TeacherTokens, teacher_frames
 from lightning_repa.models.capture import Captured
-from lightning_repa.teachers.decoders import LatentDecoder, pixels_to_unit
+from lightning_repa.teachers.decoders import LatentDecoder
+from lightning_repa.teachers.pixels import check_clip_layout, pixels_to_unit
 
 
 class EncoderTeacher(nn.Module):
@@ -20,7 +21,8 @@ class EncoderTeacher(nn.Module):
     `embed_dim` and `grid_for(H, W)`; `decoder` maps training latents to such images (video
     latents to frames (B, F, 3, H, W)), or is None when the batch carries the images under
     `pixels_key`. Decoding runs in chunks of `batch_size` samples, encoding in chunks of
-    `batch_size` images (of video: frames), so memory stays bounded (0: all at once).
+    `batch_size` images (of video: frames), so memory stays bounded (0: all at once). For video,
+    `frames_per_latent` is the VAE's temporal compression (`maths.align.teacher_frames`).
     """
 
     def __init__(
@@ -30,10 +32,12 @@ class EncoderTeacher(nn.Module):
         pixels_key: str = "pixels",
         pixels_range: tuple[float, float] | list[float] = (0.0, 1.0),
         batch_size: int = 0,
+        frames_per_latent: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         self.pixels_key, self.pixels_range, self.batch_size = pixels_key, tuple(pixels_range), batch_size
+        self.frames_per_latent = frames_per_latent
         self.autocast: Optional[torch.dtype] = None  # decode and encode under this autocast dtype (bf16 trainers)
 
     @property
@@ -64,20 +68,20 @@ class EncoderTeacher(nn.Module):
         return self._tokens(batch, latents)
 
     def _tokens(self, batch: Mapping[str, Any], latents: Tensor) -> TeacherTokens:
-        images = self.images(batch, latents)  # (B, 3, H, W) or (B, F, 3, H, W)
         video = latents.dim() == 5
+        if video and self.decoder is None:
+            check_clip_layout(batch[self.pixels_key].shape, self.pixels_key)
+        images = self.images(batch, latents)  # (B, 3, H, W) or (B, F, 3, H, W)
         if images.dim() != (5 if video else 4):
             layout = "(B, F, 3, H, W) frames" if video else "(B, 3, H, W) images"
             raise ValueError(f"the teacher needs {layout} for latents {tuple(latents.shape)}, got {tuple(images.shape)}")
-        ratio = None
         if video:
-            frames = teacher_frames(latents.shape[2], images.shape[1])
-            ratio = frames[1] - frames[0] if len(frames) > 1 else 1
+            frames = teacher_frames(latents.shape[2], images.shape[1], self.frames_per_latent or 1)
             images = images[:, frames].flatten(0, 1)  # (B*T, 3, H, W)
         tokens = torch.cat([self.encoder(x) for x in self._chunks(images)])  # (B[*T], gh*gw, D)
         if video:
             tokens = tokens.unflatten(0, (latents.shape[0], latents.shape[2]))  # (B, T, gh*gw, D)
-        return TeacherTokens(tokens, tuple(self.encoder.grid_for(*images.shape[-2:])), ratio)
+        return TeacherTokens(tokens, tuple(self.encoder.grid_for(*images.shape[-2:])), self.frames_per_latent)
 
     def _chunks(self, x: Tensor) -> tuple[Tensor, ...]:
         return x.split(self.batch_size) if self.batch_size > 0 else (x,)

@@ -44,12 +44,16 @@ class LatentData(Dataset):
 
 
 class VideoData(Dataset):
-    """Item i: video latents (C, T, h, w), pixel frames (F, 3, H, W) in [0, 1], ids = i."""
+    """Item i: video latents (C, T, h, w), pixel frames (F, 3, H, W) in [0, 1], ids = i. By default
+    F = 1 + (T - 1) * r, the clip the family's VAE (temporal compression r) encodes into T latent frames."""
 
     def __init__(self, family: str, n: int = 4, thw: tuple[int, int, int] = (3, 4, 8),
-                 frames_hw: tuple[int, int, int] = (3, 32, 64)) -> None:
+                 frames_hw: tuple[int, int, int] | None = None) -> None:
+        from lightning_repa.models.families import FAMILIES
+
         self.channels = TINY_VIDEO_FAMILIES[family].latent_channels
-        self.n, self.thw, self.frames_hw = n, thw, frames_hw
+        frames = 1 + (thw[0] - 1) * FAMILIES[family].temporal_compression
+        self.n, self.thw, self.frames_hw = n, thw, frames_hw or (frames, 32, 64)
 
     def __len__(self) -> int:
         return self.n

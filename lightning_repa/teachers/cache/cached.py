@@ -20,7 +20,9 @@ class CachedTeacher:
 
     Same call as the teacher: `(batch, latents, captured) -> TeacherTokens`. Returns float32 tokens
     on the latents' device, equal to the uncached ones to half precision. `hits` and `misses` count
-    samples of this process; a miss another process computes meanwhile counts as a hit.
+    samples of this process; a miss another process computes meanwhile counts as a hit. A sample
+    with a NaN or an infinity (in what the teacher sees, or in its tokens) is computed every time and
+    never stored: its step is skipped like any non-finite step, and a fixed image is computed anew.
     """
 
     def __init__(self, teacher: Any, store: FeatureStore, ids_key: str = "ids", views_key: Optional[str] = None,
@@ -28,7 +30,6 @@ class CachedTeacher:
         self.teacher, self.store, self.ids_key, self.views_key, self.poll = teacher, store, ids_key, views_key, poll
         self.hits = self.misses = 0
         self._warned_wait = False
-        self._frames_per_latent: Optional[int] = None  # the wrapped teacher's, as last computed
 
     @property
     def embed_dim(self) -> Optional[int]:
@@ -45,10 +46,15 @@ class CachedTeacher:
     def __call__(self, batch: Mapping[str, Any], latents: Tensor, captured: Optional[Captured] = None) -> TeacherTokens:
         size = latents.shape[0]
         keys = cache_keys(batch, self.ids_key, self.views_key, size)
-        prints = fingerprint(self.teacher.source(batch, latents))  # (B, 2)
-        found = self.store.get(keys)
+        prints = fingerprint(self.teacher.source(batch, latents))  # (B, 8)
+        finite = torch.isfinite(prints).all(1).tolist()
+        found = self.store.get([k for k, ok in zip(keys, finite) if ok])
+        stored = set(found)  # read from the store: their fingerprints are compared below
+        broken = [i for i, ok in enumerate(finite) if not ok]
+        if broken:  # computed, never stored
+            found.update(self._compute(batch, latents, captured, broken, keys, prints, store=False))
         pending = [i for i, k in enumerate(keys) if k not in found]
-        computed, since = 0, time.monotonic()
+        computed, since = len(broken), time.monotonic()
         while pending:
             mine = set(self.store.claim([keys[i] for i in pending]))
             rows = [i for i in pending if keys[i] in mine]
@@ -61,7 +67,9 @@ class CachedTeacher:
                 computed += len(rows)
             pending = [i for i in pending if keys[i] not in found]
             if pending:  # being computed by another process
-                found.update(self.store.get([keys[i] for i in pending]))
+                arrived = self.store.get([keys[i] for i in pending])
+                found.update(arrived)
+                stored |= set(arrived)
                 pending = [i for i in pending if keys[i] not in found]
                 if pending:
                     time.sleep(self.poll)
@@ -72,35 +80,39 @@ class CachedTeacher:
                                       "`claim_timeout`", stacklevel=2)
         self.misses += computed
         self.hits += size - computed
-        return self._assemble(keys, found, prints, latents)
+        return self._assemble(keys, found, stored, prints, latents)
 
     def _compute(self, batch: Mapping[str, Any], latents: Tensor, captured: Optional[Captured], rows: list[int],
-                 keys: list[str], prints: Tensor) -> dict[str, Entry]:
+                 keys: list[str], prints: Tensor, store: bool = True) -> dict[str, Entry]:
         size = latents.shape[0]
         index = torch.tensor(rows, device=latents.device)
         sub = {k: v.index_select(0, index.to(v.device)) for k, v in batch.items()
                if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == size}
         out = self.teacher(sub, latents.index_select(0, index), captured)
-        self._frames_per_latent = out.frames_per_latent
         entries = {keys[i]: (out.tokens[j].to("cpu", torch.float16), tuple(out.grid), prints[i])
                    for j, i in enumerate(rows)}
-        self.store.put(entries)
+        if store:
+            self.store.put(entries)  # the stores keep finite entries only
+            self.store.release(k for k, e in entries.items() if not bool(torch.isfinite(e[0]).all()))
         return entries
 
-    def _assemble(self, keys: list[str], found: Mapping[str, Entry], prints: Tensor,
+    def _assemble(self, keys: list[str], found: Mapping[str, Entry], stored: set[str], prints: Tensor,
                   latents: Tensor) -> TeacherTokens:
-        cached = torch.stack([found[k][2] for k in keys])  # (B, 2)
-        changed = [k for k, ok in zip(keys, same_sample(cached, prints).tolist()) if not ok]
-        if changed:
-            what = "views (`views_key`)" if self.views_key else "ids"
-            raise ValueError(
-                f"the teacher cache holds features of other images under the {what} {changed[:5]}: the samples came "
-                "back different (random crops or flips, or other data under the same id). Give each view its own id "
-                "in batch[views_key] (set `views_key`), keep augmentation out of cached runs, or use cache=none"
-            )
+        rows = [i for i, k in enumerate(keys) if k in stored]
+        if rows:
+            cached = torch.stack([found[keys[i]][2] for i in rows])  # (R, 8)
+            changed = [keys[i] for i, ok in zip(rows, same_sample(cached, prints[rows]).tolist()) if not ok]
+            if changed:
+                what = "views (`views_key`)" if self.views_key else "ids"
+                raise ValueError(
+                    f"the teacher cache holds features of other images under the {what} {changed[:5]}: the samples "
+                    "came back different (random crops or flips, or other data under the same id). Give each view its "
+                    "own id in batch[views_key] (set `views_key`), keep augmentation out of cached runs, or use "
+                    "cache=none"
+                )
         grids = {found[k][1] for k in keys}
         if len(grids) > 1:
             raise ValueError(f"the cached teacher tokens of this batch lie on different grids {sorted(grids)}: "
                              "images of one batch must have one size")
         tokens = torch.stack([found[k][0] for k in keys])
-        return TeacherTokens(tokens.to(latents.device, torch.float32), grids.pop(), self._frames_per_latent)
+        return TeacherTokens(tokens.to(latents.device, torch.float32), grids.pop(), self.teacher.frames_per_latent)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,12 @@ from torch import nn
 from lightning_repa.choices import Decoder
 from lightning_repa.config import RepaConfig
 
-FORMAT_VERSION = 1
-"""Layout of a disk cache; part of its metadata."""
+FORMAT_VERSION = 2
+"""Layout of a disk cache; part of its metadata (2: eight-projection fingerprints, entry checksums,
+every decoding input recorded)."""
+
+DECODE_BUFFERS = ("latents_mean", "latents_std", "bn.running_mean", "bn.running_var")
+"""Registered buffers that de-normalise latents (LTX-Video, LTX-2; FLUX.2's BatchNorm statistics)."""
 
 
 def cache_metadata(cfg: RepaConfig, teacher: Any) -> dict[str, Any]:
@@ -22,12 +27,15 @@ def cache_metadata(cfg: RepaConfig, teacher: Any) -> dict[str, Any]:
     from lightning_repa.teachers.encoders import RESIZE_RULE  # imports timm
 
     decoder = teacher.decoder
-    if decoder is None:
-        source = {"decoder": "pixels", "pixels_range": list(teacher.pixels_range)}
-    else:
+    source: dict[str, Any] = {"decoder": "pixels" if decoder is None else decoder.kind.value,
+                              "pixels_range": list(teacher.pixels_range),
+                              "frames_per_latent": teacher.frames_per_latent}
+    if decoder is not None:
         model = decoder.tae if decoder.kind is Decoder.tae else decoder.vae
-        source = {"decoder": decoder.kind.value, "latent_format": decoder.latent_format,
-                  "decoder_weights": describe_weights(model)}
+        source.update({"latent_format": decoder.latent_format, "decoder_weights": describe_weights(model),
+                       **decoding_inputs("decoder", model)})
+        if decoder.kind is Decoder.tae and decoder.vae is not None:  # its statistics undo the latent normalisation
+            source.update(decoding_inputs("vae", decoder.vae))
         if cfg.tae_checkpoint:
             source["tae_checkpoint_sha256"] = file_sha256(cfg.tae_checkpoint)
     return {
@@ -41,6 +49,25 @@ def cache_metadata(cfg: RepaConfig, teacher: Any) -> dict[str, Any]:
         "dtype": "float16",
         **source,
     }
+
+
+def decoding_inputs(prefix: str, model: nn.Module) -> dict[str, Any]:
+    """What a model's decoding reads besides its weights, one metadata field each: every public value
+    of its diffusers config (`<prefix>_config.<name>`: scaling and shift factors, per-channel
+    `latents_mean`/`latents_std`, `force_upcast`, ...) and the buffers that de-normalise latents
+    (`<prefix>_buffers.<name>`, to 6 significant digits)."""
+    config = getattr(model, "config", None) or {}
+    out = {f"{prefix}_config.{k}": _jsonable(v) for k, v in sorted(config.items()) if not k.startswith("_")}
+    buffers = dict(model.named_buffers())
+    for name in DECODE_BUFFERS:
+        if name in buffers:
+            out[f"{prefix}_buffers.{name}"] = [float(f"{x:.6g}") for x in buffers[name].flatten().tolist()]
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    """A config value as JSON gives it back (tuples become lists), so that a fresh value equals a read one."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def describe_weights(model: nn.Module) -> str:
