@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,10 +17,17 @@ def _execute(name: str, cwd: Path, monkeypatch) -> nbformat.NotebookNode:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel inherits it: predictable on a shared machine
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
+    for var, sub in (("IPYTHONDIR", "ipython"), ("JUPYTER_RUNTIME_DIR", "jupyter/runtime"),
+                     ("JUPYTER_DATA_DIR", "jupyter/data"), ("JUPYTER_CONFIG_DIR", "jupyter/config"),
+                     ("MPLCONFIGDIR", "matplotlib")):  # the kernel's own files stay in the test's directory
+        monkeypatch.setenv(var, str(cwd / ".home" / sub))
+    before = set(Path(tempfile.gettempdir()).iterdir())
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     start = time.perf_counter()
     NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
     assert time.perf_counter() - start < 120, f"{name} is meant to run in well under a minute"
+    left = [p.name for p in set(Path(tempfile.gettempdir()).iterdir()) - before if p.name.startswith("repa_")]
+    assert left == [], f"{name} left {left} behind"
     return nb
 
 

@@ -182,6 +182,20 @@ def test_app_probes_the_demo_and_writes_json_and_png(tmp_path, capsys):
     assert f"suggested block: {result['suggested_block']}" in out
 
 
+def test_app_logs_the_plot_and_the_table_to_wandb(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    result = run(_compose(*TINY, "logger=wandb", f"paths.output_dir={tmp_path}"))
+    run_dir = result["wandb_dir"]
+    assert run_dir is not None and str(run_dir) in capsys.readouterr().out
+    assert list(run_dir.glob("files/media/images/probe_*.png")), "the plot is logged as an image"
+    tables = list(run_dir.glob("files/media/table/probe_blocks_*.table.json"))
+    assert tables, "the numbers are logged as a table"
+    table = json.loads(tables[0].read_text())
+    assert table["columns"][:2] == ["block", "cknna t=0.50"] and len(table["data"]) == result["num_blocks"]
+    assert table["data"][1][1] == pytest.approx(result["blocks"][1]["cknna"][0])
+
+
 def test_app_reads_a_training_checkpoint(tmp_path, capsys):
     trained = FlowMatchingDiT(num_layers=2, seed=7)  # the architecture comes from the checkpoint
     state = {**trained.state_dict(), "repa_projector.body.0.weight": torch.ones(3)}  # the callback's projector

@@ -78,8 +78,32 @@ def run(cfg: Any) -> dict[str, Any]:
     result["configured_block"] = resolved.block_index
     json_path, png_path = write_outputs(result, out)
     result["files"] = {"json": str(json_path), "png": None if png_path is None else str(png_path)}
+    result["wandb_dir"] = _log_to_wandb(cfg, result, png_path)
     _print_summary(result)
     return result
+
+
+def _log_to_wandb(cfg: Any, result: Mapping[str, Any], png: Any) -> Any:
+    """With `logger=wandb`: the plot as an image and one row per block (CKNNA and CKA per noise level
+    and their means) as a table, in a W&B run of its own; returns the run's directory."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.loggers import WandbLogger
+
+    loggers = [instantiate(node) for node in (cfg.get("logger") or {}).values() if node]
+    wandb = [logger for logger in loggers if isinstance(logger, WandbLogger)]
+    if not wandb:
+        return None
+    levels = [f"t={t:.2f}" for t in result["noise_levels"]]
+    columns = ["block", *[f"cknna {t}" for t in levels], "cknna mean", *[f"cka {t}" for t in levels], "cka mean"]
+    rows = [[b["index"], *b["cknna"], b["cknna_mean"], *b["cka"], b["cka_mean"]] for b in result["blocks"]]
+    logger = wandb[0]
+    if png is not None:
+        logger.log_image(key="probe", images=[str(png)], caption=[f"{result['family']}: suggested block "
+                                                                   f"{result['suggested_block']}"])
+    logger.log_table(key="probe_blocks", columns=columns, data=rows)
+    directory = Path(logger.experiment.dir).parent if getattr(logger.experiment, "dir", None) else None
+    logger.experiment.finish()
+    return directory
 
 
 def _check_block(resolved: Any, model: nn.Module) -> None:
@@ -127,6 +151,8 @@ def _print_summary(result: Mapping[str, Any]) -> None:
     files = result.get("files") or {}
     lines.append(f"JSON        {files.get('json')}")
     lines.append(f"plot        {files.get('png') or 'not written (matplotlib missing)'}")
+    if result.get("wandb_dir"):
+        lines.append(f"W&B run     {result['wandb_dir']}   (upload: wandb sync <it>)")
     lines.append(bar)
     say("\n".join(lines))
 
