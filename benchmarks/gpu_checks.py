@@ -42,13 +42,20 @@ import torch  # noqa: E402
 from lightning_utilities.core.apply_func import apply_to_collection  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import TinyFlow, loader  # noqa: E402
-
 from lightning_repa import RepaCallback  # noqa: E402
-from lightning_repa.projectors import ConvProjector, LinearProjector, MLPProjector  # noqa: E402
+from lightning_repa.testing import TinyFlow, tiny_loader  # noqa: E402
 
-PROJECTORS = (LinearProjector, MLPProjector, ConvProjector)
+
+def _projector_classes() -> tuple[type, ...]:
+    """The trainable projector classes (kept out of FSDP's low-precision parameters)."""
+    try:
+        from lightning_repa.objectives import ConvProjector, LinearProjector, MLPProjector
+    except ImportError:  # the flat layout of older checkouts
+        from lightning_repa.projectors import ConvProjector, LinearProjector, MLPProjector
+    return LinearProjector, MLPProjector, ConvProjector
+
+
+PROJECTORS = _projector_classes()
 RESULTS: list[tuple[str, str, str]] = []
 
 
@@ -135,7 +142,8 @@ def fit_one(accelerator: str, precision: str, checkpoint: str, lam: float = 1.0,
     L.seed_everything(0)
     L.Trainer(max_steps=steps, accelerator=accelerator, devices=1, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False, deterministic="warn",
-              callbacks=[RepaCallback(lam=lam, **repa_options(checkpoint)), probe], **kwargs).fit(module, loader("sd3"))
+              callbacks=[RepaCallback(lam=lam, **repa_options(checkpoint)), probe], **kwargs,
+              ).fit(module, tiny_loader("sd3"))
     return probe, module
 
 
@@ -251,7 +259,7 @@ def worker(kind: str, out: str, checkpoint: str, precision: str, wrap: str, devi
                         callbacks=[RepaCallback(lam=1.0, **repa_options(checkpoint)),
                                    RankRecord(out_dir, kind == "fsdp")])
     try:
-        trainer.fit(DeviceFlow("sd3", optimizer="adamw", lr=1e-2), loader("sd3", n=12))
+        trainer.fit(DeviceFlow("sd3", optimizer="adamw", lr=1e-2), tiny_loader("sd3", n=12))
     except BaseException as error:
         (out_dir / f"error{trainer.global_rank}.txt").write_text(
             f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}")
