@@ -43,19 +43,11 @@ from lightning_utilities.core.apply_func import apply_to_collection  # noqa: E40
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
 
 from lightning_repa import RepaCallback  # noqa: E402
+from lightning_repa.objectives import ConvProjector, LinearProjector, MLPProjector  # noqa: E402
 from lightning_repa.testing import TinyFlow, tiny_loader  # noqa: E402
 
 
-def _projector_classes() -> tuple[type, ...]:
-    """The trainable projector classes (kept out of FSDP's low-precision parameters)."""
-    try:
-        from lightning_repa.objectives import ConvProjector, LinearProjector, MLPProjector
-    except ImportError:  # the flat layout of older checkouts
-        from lightning_repa.projectors import ConvProjector, LinearProjector, MLPProjector
-    return LinearProjector, MLPProjector, ConvProjector
-
-
-PROJECTORS = _projector_classes()
+PROJECTORS = (LinearProjector, MLPProjector, ConvProjector)  # kept out of FSDP's low-precision parameters
 RESULTS: list[tuple[str, str, str]] = []
 
 

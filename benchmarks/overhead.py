@@ -182,7 +182,7 @@ def describe(r: dict[str, Any]) -> str:
             f"{st['latent']}x{st['latent']} latents; decoder={st['decoder']}: {vae}; teacher ViT-S/14 (random) at "
             f"{st['encoder_image_size']} px "
             f"({'x'.join(map(str, st['teacher_grid']))} tokens); {st['optimizer']}; {st['device']} {st['precision']}, "
-            f"{torch.get_num_threads()} threads, {st['clock']} clock; {st['repeats']} rounds x {st['steps']} steps")
+            f"{st['threads'] or 'default'} torch thread(s), {st['clock']} clock; {st['repeats']} rounds x {st['steps']} steps")
 
 
 def table(r: dict[str, Any]) -> str:

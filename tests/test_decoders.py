@@ -27,8 +27,8 @@ def _tiny_kl(**config) -> AutoencoderKL:
     torch.manual_seed(0)
     return AutoencoderKL(
         block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4, norm_num_groups=4,
-        sample_size=32, **config,
+        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4,
+        sample_size=32, **{"latent_channels": 4, **config},
     ).eval()
 
 
@@ -229,3 +229,21 @@ def test_a_checkpoint_with_the_vae_encoder_loads_after_the_drop():
     drop_vae_encoder(dropped.vae)
     dropped.load_state_dict(state)  # strict: the encoder keys are discarded, everything else loads
     torch.testing.assert_close(dropped.vae.decoder.conv_in.weight, full.vae.decoder.conv_in.weight)
+
+
+def test_a_flux_fit_with_a_real_kl_vae_raises_no_future_warning_from_the_package(repa_options):
+    """Config values are read from `vae.config` and buffers as buffers: diffusers deprecates reading a
+    config value through the model's attributes (a FutureWarning on every decode)."""
+    import warnings
+
+    class FluxWithVAE(TinyFlow):
+        def __init__(self) -> None:
+            super().__init__("flux")
+            self.vae = _tiny_kl(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159).requires_grad_(False)
+
+    options = {**repa_options, "decoder": "vae"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(2, [RepaCallback(family="flux", block_index=1, **options)]).fit(FluxWithVAE(), loader("flux"))
+    ours = [w for w in caught if issubclass(w.category, FutureWarning) and "lightning_repa" in w.filename]
+    assert ours == [], [str(w.message) for w in ours]

@@ -357,10 +357,12 @@ def test_console_script_runs_the_demo_offline_from_any_directory(tmp_path):
 def test_resume_continues_the_step_count_and_the_schedule(tmp_path):
     common = ["experiment=demo", *TINY, "logger=csv", "sample.enabled=false", "schedule=linear",
               "repa.warmup_steps=8", "repa.decay_steps=4", "repa.lam=0.8"]
-    first = run(_compose(*common, f"paths.output_dir={tmp_path / 'a'}"))
+    with pytest.warns(UserWarning, match="warmup_steps=8 is not shorter than the run"):  # on purpose: both halves
+        first = run(_compose(*common, f"paths.output_dir={tmp_path / 'a'}"))
     assert first["global_step"] == 4 and _global_step(first["checkpoint"]) == 4
-    second = run(_compose(*common, "trainer.max_steps=8", f"ckpt_path={first['checkpoint']}",
-                          f"paths.output_dir={tmp_path / 'b'}"))
+    with pytest.warns(UserWarning, match="warmup_steps=8 is not shorter than the run"):
+        second = run(_compose(*common, "trainer.max_steps=8", f"ckpt_path={first['checkpoint']}",
+                              f"paths.output_dir={tmp_path / 'b'}"))
     assert second["global_step"] == 8 and _global_step(second["checkpoint"]) == 8
 
     a, b = _read_csv(first["csv"]), _read_csv(second["csv"])
@@ -411,7 +413,8 @@ def test_each_tool_opens_its_help_with_what_it_does_and_an_example(tmp_path):
         assert any(line.strip().startswith(f"{name} ") or line.strip() == name for line in head[1:]), head
         assert "repa_schema" not in proc.stdout and "Every option" in proc.stdout
     probe = _tool("lightning-repa-probe", "--help", cwd=tmp_path).stdout
-    assert "trainer" not in probe and "logger" not in probe and "schedule" not in probe
+    assert "trainer" not in probe and "schedule" not in probe, "the probe's help lists the probe's options only"
+    assert "logger=wandb" in probe, "the probe's own logger option (W&B plot and table) is listed"
     assert "cache_dir: null" not in _tool("lightning-repa-cache", "--help", cwd=tmp_path).stdout
     train = _tool("lightning-repa-train", "repa.lam=0.3", "--help", cwd=tmp_path).stdout
     assert re.search(r"repa\.lam=\.\.\. +0\.3 ", train), "the help shows this run's values"

@@ -373,7 +373,8 @@ def test_flux_repa_from_its_config_trains(repa_options):
     config = {**json.loads((DATA / "repa_flux.json").read_text()), "--crepa_block_index": 1}  # tiny flux: 4 blocks
     (repa,), messages = _import(config, **repa_options)
     assert _keys(messages) == {"crepa_model", "crepa_decay_steps"}
-    (record,) = _fit(TinyFlow("flux"), loader("flux"), [repa])
+    with pytest.warns(UserWarning, match="warmup_steps=100 is not shorter than the run"):
+        (record,) = _fit(TinyFlow("flux"), loader("flux"), [repa])
     last = record.results[-1]  # step 1 of a cosine schedule with a 100-step warm-up: 0.5 * 1 / 100
     assert last.step == 1 and last.weight == pytest.approx(0.005) and -1 <= float(last.similarity) <= 1
     assert float(last.loss) == pytest.approx(-0.005 * float(last.similarity), rel=1e-5)

@@ -23,9 +23,10 @@ class AlignedTrainingStep:
     config, family, resolved blocks, alignment step, metrics, cutoff, projector attribute and log
     prefix are read here).
 
-    `wrap(training_step)` returns the wrapper the callback installs on the module; `start(capture,
-    gate)` is called at fit start; `plan` is the optimizer step in flight and `last_result` the
-    last micro-batch's :class:`~lightning_repa.alignment.StepResult`.
+    `wrap(training_step)` returns the wrapper the callback installs on the module; `start(denoiser)`
+    hooks the blocks and builds the gate at fit start; `close_step()` ends an optimizer step; `plan`
+    is the optimizer step in flight and `last_result` the last micro-batch's
+    :class:`~lightning_repa.alignment.StepResult`.
     """
 
     def __init__(self, repa: Any, trainer: Any, module: Any, warn: Callable[[str, bool, str], None]) -> None:
