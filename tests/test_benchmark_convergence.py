@@ -194,6 +194,7 @@ def test_quick_run_plot_is_a_png(quick):
     assert width >= 1000 and height >= 300 * len(SETTINGS[quick["method"]])  # a row of 3 panels per setting
 
 
+@pytest.mark.slow
 def test_evaluating_does_not_change_the_training_trajectory(common):
     """Evaluations every 2 steps and every 4 train the same weights: evaluation draws from its own
     generators, never from the global RNG that draws the training noise."""

@@ -98,6 +98,7 @@ def test_cache_rates_come_from_lightning_repa_cache(quick_run):
     assert str(scratch) not in json.dumps(data)  # nor is a temporary path recorded
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 @pytest.mark.parametrize("command", [["overhead.py", "--device", "cuda"], ["gpu_checks.py"]])
 def test_gpu_scripts_fail_clearly_without_cuda(command):

@@ -216,6 +216,7 @@ json.dump({"computed": computed, "out": out, "hits": teacher.hits, "misses": tea
 """
 
 
+@pytest.mark.slow
 def test_two_processes_sharing_a_disk_cache_compute_each_sample_once(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", SHARER, str(tmp_path / "cache"), str(tmp_path / f"{r}.json"), str(r)],
                               env=ENV, stderr=subprocess.PIPE, text=True) for r in (0, 1)]

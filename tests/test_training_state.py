@@ -104,6 +104,7 @@ def _resume_run(tmp: Path, options: dict, name: str, max_steps: int, threshold, 
     return module, repa, Path(logger.log_dir)
 
 
+@pytest.mark.slow
 def test_resume_is_exact_with_the_cutoff_after_the_resume_point(tmp_path, repa_options):
     _, probe, probe_dir = _resume_run(tmp_path, repa_options, "probe", 6, None)
     ema = {s: v["repa/similarity_ema"] for s, v in _repa_rows(probe_dir).items()}
