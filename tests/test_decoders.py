@@ -239,8 +239,8 @@ def test_a_flux_fit_with_a_real_kl_vae_raises_no_future_warning_from_the_package
     class FluxWithVAE(TinyFlow):
         def __init__(self) -> None:
             super().__init__("flux")
-            self.vae = _tiny_kl(scaling_factor=0.3611, shift_factor=0.1159)  # the tiny flux latents: 4 channels
-            self.vae = self.vae.requires_grad_(False)
+            # the tiny flux latents have 4 channels, as _tiny_kl's VAE; FLUX's scale and shift
+            self.vae = _tiny_kl(scaling_factor=0.3611, shift_factor=0.1159).requires_grad_(False)
 
     options = {**repa_options, "decoder": "vae"}
     with warnings.catch_warnings(record=True) as caught:

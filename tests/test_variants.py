@@ -54,9 +54,9 @@ def test_logged_similarity_is_the_formula(variant, repa_options):
     else:
         maps = proj.reshape(2, 4, 8, -1).permute(0, 3, 1, 2)
         proj = F.interpolate(maps, size=(3, 6), mode="bilinear", antialias=True).flatten(2).transpose(1, 2)
-    want = F.cosine_similarity(proj, teacher, dim=-1).mean()
-    assert float(record.results[0].similarity.detach()) == pytest.approx(float(want.detach()), abs=1e-5)
-    assert float(record.steps[0]["logged"]["repa/similarity"]) == pytest.approx(float(want.detach()), abs=1e-5)
+    want = float(F.cosine_similarity(proj, teacher, dim=-1).mean().detach())
+    assert float(record.results[0].similarity.detach()) == pytest.approx(want, abs=1e-5)
+    assert float(record.steps[0]["logged"]["repa/similarity"]) == pytest.approx(want, abs=1e-5)
     assert type(p).__name__ == {"irepa": "ConvProjector", "mlp": "MLPProjector"}.get(variant, "LinearProjector")
 
 
@@ -70,8 +70,8 @@ def test_backbone_teacher_uses_a_deeper_block_and_no_encoder():
     proj = F.linear(F.layer_norm(student, (32,), w["body.0.weight"], w["body.0.bias"]),
                     w["body.1.weight"], w["body.1.bias"])
     assert module.repa_projector.out_dim == 32
-    want = F.cosine_similarity(proj, deeper, dim=-1).mean()
-    assert float(record.results[0].similarity.detach()) == pytest.approx(float(want.detach()), abs=1e-5)
+    want = float(F.cosine_similarity(proj, deeper, dim=-1).mean().detach())
+    assert float(record.results[0].similarity.detach()) == pytest.approx(want, abs=1e-5)
 
 
 class _Manual(TinyFlow):
