@@ -23,12 +23,14 @@ difference (aligned minus baseline). ``convergence_report.py`` prints the table 
 
 Runs are spread over ``--workers`` processes, one torch (and BLAS) thread each, longest first; the
 JSON records each run's wall and CPU time and each method's. Nothing is written unless ``--json`` /
-``--plot`` / ``--markdown`` say where.
+``--plot`` / ``--markdown`` / ``--runs-dir`` say where; with ``--runs-dir`` every finished run is kept
+as it ends, and the same command run again reuses them (a long run survives an interruption).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -76,6 +78,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--plot", type=Path, help="write the PNG of the curves here")
     p.add_argument("--markdown", type=Path, help="write the per-setting tables (markdown) here")
+    p.add_argument("--runs-dir", type=Path,
+                   help="write each finished run here as it ends, and reuse the runs already there whose setting, "
+                        "evaluation and overrides match (an interrupted command resumes where it stopped)")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds = args.seeds[:2]
@@ -114,12 +119,43 @@ def evals_for(method: str, args: argparse.Namespace) -> EvalOptions:
     return replace(EvalOptions(), **{**dict(METHODS[method].evals), **given})
 
 
-def run_all(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
-    """Run the jobs, ``workers`` at a time (in this process when 1), printing one line per run."""
-    results: list[dict[str, Any]] = []
+def job_key(job: Job) -> str:
+    """What makes a finished run reusable: its setting, arm, seed, evaluation and overrides."""
+    text = repr((job.setting, job.arm, job.seed, job.evals, job.extra))
+    return hashlib.sha1(text.encode()).hexdigest()
 
-    def report(r: dict[str, Any]) -> None:
+
+def run_path(runs_dir: Path, job: Job) -> Path:
+    return runs_dir / f"{job.setting.name}-{job.arm}-seed{job.seed}.json"
+
+
+def load_finished(jobs: list[Job], runs_dir: Optional[Path]) -> tuple[list[dict[str, Any]], list[Job]]:
+    """The runs of ``jobs`` already in ``runs_dir`` (same key), and the jobs still to run."""
+    done, todo = [], []
+    for job in jobs:
+        path = None if runs_dir is None else run_path(runs_dir, job)
+        record = json.loads(path.read_text()) if path is not None and path.is_file() else None
+        if record is not None and record.get("job_key") == job_key(job):
+            done.append(record)
+        else:
+            todo.append(job)
+    return done, todo
+
+
+def run_all(jobs: list[Job], workers: int, runs_dir: Optional[Path] = None) -> list[dict[str, Any]]:
+    """Run the jobs, ``workers`` at a time (in this process when 1), printing one line per run; with
+    ``runs_dir``, reuse the runs already there and write each new one as it finishes."""
+    results, todo = load_finished(jobs, runs_dir)
+    if results:
+        print(f"reusing {len(results)} finished run(s) from {runs_dir}; {len(todo)} to run", flush=True)
+    keys = {id(job): job_key(job) for job in todo}
+
+    def report(r: dict[str, Any], job: Job) -> None:
         results.append(r)
+        if runs_dir is not None:
+            r["job_key"] = keys[id(job)]
+            path = run_path(runs_dir, job)
+            write_json(path.with_suffix(".tmp"), r).replace(path)  # whole files only
         c = r["curves"]
         print(f"[{len(results)}/{len(jobs)}] {r['setting']:<20} {r['arm']:<8} seed {r['seed']}: {r['seconds']:.0f} s "
               f"(eval {r['eval_seconds']:.0f} s, CPU {r['cpu_seconds']:.0f} s); "
@@ -127,12 +163,13 @@ def run_all(jobs: list[Job], workers: int) -> list[dict[str, Any]]:
               f"probe {c['probe'][-1]:.3f}, fd {c['fd'][-1]:.2f}", flush=True)
 
     if workers <= 1:
-        for job in jobs:
-            report(run_job(job))
+        for job in todo:
+            report(run_job(job), job)
         return results
     with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-        for future in as_completed([pool.submit(run_job, job) for job in jobs]):
-            report(future.result())
+        futures = {pool.submit(run_job, job): job for job in todo}
+        for future in as_completed(futures):
+            report(future.result(), futures[future])
     return results
 
 
@@ -160,8 +197,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         jobs.sort(key=lambda j: -j.setting.steps * (1.4 if METHODS[j.setting.method].video else 1.0))  # longest first
         print(f"{len(jobs)} runs on {args.workers} worker(s): " + "; ".join(
             f"{s.name} {s.steps} steps, evaluations every {s.eval_every}" for s in settings), flush=True)
-        start = time.perf_counter()
-        results = run_all(jobs, args.workers)
+        start, started_at = time.perf_counter(), time.time()
+        results = run_all(jobs, args.workers, args.runs_dir)
         reference = {m: run_reference(next(s for s in settings if s.method == m), evals[m]) for m in evals}
         document = {
             "meta": {"seeds": args.seeds, "workers": args.workers, "quick": args.quick, "overrides": args.override,
@@ -169,6 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                      "fd_frames_per_evaluation": {m: evals[m].fd_samples * r["frames_per_sample"]
                                                   for m, r in reference.items()},
                      "higher_is_better": HIGHER_IS_BETTER, "wall_seconds": time.perf_counter() - start,
+                     "runs_reused": sum(r["started"] < started_at for r in results),  # from --runs-dir
                      "cpu_seconds": sum(r["cpu_seconds"] for r in results), "methods": method_costs(results),
                      "parameters": {f"{r['method']}/{r['arm']}": r["parameters"] for r in results},
                      "command": " ".join(["python benchmarks/convergence.py",
