@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import lightning as L
+import pytest
 from lightning_repa.testing import (  # noqa: F401  (re-exported for the tests)
     LatentData, TinyFlow, TinyVideoFlow, VideoData, tiny_loader as loader, tiny_video_loader as video_loader,
 )
@@ -82,3 +83,17 @@ def labelled_grid(path, grid_wh: tuple[int, int], rows: int, title: bool = False
     if title:
         assert (pixels[:12, left:] < 100).any(), "no title"
     return grid
+
+
+def quick(values: Any, keep: Any) -> list:
+    """`parametrize` values of which only those in `keep` run in the quick set; the others, per-family
+    repeats of a code path the quick set runs once, are marked `slow` (`-m slow`; CI runs both). A tuple
+    value is matched on its first item (the family)."""
+    def first(v: Any) -> Any:
+        return v[0] if isinstance(v, tuple) else v
+
+    unknown = set(keep) - {first(v) for v in values}
+    if unknown:
+        raise ValueError(f"quick(): {sorted(unknown)} are not among the values")
+    return [v if first(v) in keep else pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=pytest.mark.slow)
+            for v in values]

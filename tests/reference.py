@@ -64,7 +64,11 @@ def manifold_reference(p, f, scope: str) -> float:
     """SPEC 6.2's manifold term with loops over samples and pairs: token pairs within each sample
     (`tokens`), or sample pairs of flattened normalised tokens (`batch`). p, f: [b][n][c]."""
     p, f = as_lists(p), as_lists(f)
-    unit = lambda v: [x / max(math.sqrt(sum(y * y for y in v)), 1e-12) for x in v]
+
+    def unit(v: list) -> list:
+        norm = max(math.sqrt(sum(y * y for y in v)), 1e-12)  # once per vector, not once per element
+        return [x / norm for x in v]
+
     dot = lambda u, v: sum(a * b for a, b in zip(u, v))
     if scope == "tokens":
         total, count = 0.0, 0

@@ -13,7 +13,7 @@ import lightning as L
 import pytest
 import torch
 
-from helpers import Recorder, TinyFlow, loader, trainer
+from helpers import Recorder, TinyFlow, loader, quick, trainer
 from lightning_repa import FAMILIES as ALL_FAMILIES
 from lightning_repa import RepaCallback
 from lightning_repa.config import Method
@@ -118,7 +118,7 @@ class _Grads(L.Callback):
                           if p.grad is not None}
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", quick(sorted(FAMILIES), {"flux", "pixart", "sd3"}))  # all: -m slow
 def test_family_trains_with_repa(family: str, repa_options: dict):
     """3 steps on a 1:2 latent: capture == reference, projector learns, gradients change, logs."""
     attr = list(REFERENCE[family])[-1]

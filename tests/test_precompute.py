@@ -61,12 +61,13 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path, monkeypatch):
         return real(self, batch, latents, captured)
 
     monkeypatch.setattr(CachedTeacher, "__call__", dies_on_the_fourth_batch)
+    options = ("precompute.shard_size=128", "precompute.max_batches=8")  # two batches of 64 per shard, 512 digits
     with pytest.raises(KeyboardInterrupt):
-        _cache(tmp_path, "precompute.shard_size=128")  # two batches of 64 per shard
+        _cache(tmp_path, *options)
     monkeypatch.undo()
-    again = _cache(tmp_path, "precompute.shard_size=128")
+    again = _cache(tmp_path, *options)
     assert again["cached"] == 192, "batches 1-3 were kept (the third, pending in a shard, written on the way out)"
-    assert again["computed"] == TRAIN_SAMPLES - 192 and again["entries"] == TRAIN_SAMPLES
+    assert again["computed"] == 8 * 64 - 192 and again["entries"] == 8 * 64
     assert not list((tmp_path / "cache" / "claims").iterdir())
 
 
@@ -75,9 +76,9 @@ def test_ranks_take_turns_and_together_cover_the_data(tmp_path, monkeypatch):
     done = []
     for rank in (1, 0):
         monkeypatch.setenv("RANK", str(rank))
-        done.append(_cache(tmp_path))
-    assert done[0]["computed"] == 13 * 64 - 64 + 17 and done[1]["computed"] == 13 * 64  # batches 1,3,..,25 / 0,2,..,24
-    assert done[1]["entries"] == TRAIN_SAMPLES
+        done.append(_cache(tmp_path, "precompute.max_batches=5"))
+    assert done[0]["computed"] == 2 * 64 and done[1]["computed"] == 3 * 64  # batches 1, 3 / 0, 2, 4
+    assert done[1]["entries"] == 5 * 64
 
 
 def test_training_reads_the_precomputed_cache_and_refuses_another_teachers(tmp_path):

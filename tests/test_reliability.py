@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader
 
-from helpers import LatentData, Recorder, TinyFlow, loader, trainer
+from helpers import LatentData, Recorder, TinyFlow, loader, quick, trainer
 from lightning_repa import RepaCallback
 from lightning_repa.encoders import load_encoder
 
@@ -158,7 +158,7 @@ CHECKPOINTED = ("flux", "flux2", "sd3", "chroma", "sana", "pixart", "hidream", "
                 "kolors")  # the newer families: tests/test_frontier_families.py
 
 
-@pytest.mark.parametrize("family", CHECKPOINTED)
+@pytest.mark.parametrize("family", quick(CHECKPOINTED, {"flux", "kolors"}))  # a DiT and a UNet; all: -m slow
 def test_gradient_checkpointing_keeps_the_alignment_gradient(family, repa_options):
     """The denoiser's gradients with REPA are the same with reentrant, non-reentrant or no
     checkpointing (reentrant: the block's first pass runs without gradients), and differ from lam 0."""
