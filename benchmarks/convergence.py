@@ -42,7 +42,7 @@ from typing import Any, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmark's own modules, when imported
 
-from common import BOOTSTRAP, LAST, machine, write_json  # noqa: E402
+from common import BOOTSTRAP, LAST, jsonable, machine, write_json  # noqa: E402
 from convergence_eval import EvalOptions  # noqa: E402
 from convergence_methods import CONDITIONAL, METHODS, UNCONDITIONAL, Setting, settings_for  # noqa: E402
 from convergence_report import HIGHER_IS_BETTER, format_table, markdown, plot, summarize_setting  # noqa: E402
@@ -71,6 +71,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help=f"evaluation batch size (default {d.batch_size}; clips 50)")
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE",
                    help="Hydra overrides of every setting's experiment, after the setting's own")
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing: report the runs already in --runs-dir (each setting over its seeds that have "
+                        "both arms; a setting with fewer than 2 is left out), e.g. while a long run goes on")
     p.add_argument("--workers", type=int, default=1, help="processes, one torch thread each")
     p.add_argument("--quick", action="store_true",
                    help="a tiny run of every code path: 2 seeds, 6 steps, small evaluations")
@@ -91,6 +94,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error("--steps and --eval-every must be >= 1")
     if (args.fd_samples or 3) < 3 or (args.sample_steps or 1) < 1:
         p.error("--fd-samples must be >= 3 and --sample-steps >= 1")
+    if args.finished_only and args.runs_dir is None:
+        p.error("--finished-only reports the runs of --runs-dir: give --runs-dir")
     if len(set(args.seeds)) != len(args.seeds) or len(args.seeds) < 2:
         p.error(f"--seeds must be at least 2 distinct seeds (intervals are over seeds), got {args.seeds}")
     return args
@@ -151,6 +156,7 @@ def run_all(jobs: list[Job], workers: int, runs_dir: Optional[Path] = None) -> l
     keys = {id(job): job_key(job) for job in todo}
 
     def report(r: dict[str, Any], job: Job) -> None:
+        r = json.loads(json.dumps(jsonable(r)))  # as a reused run reads (e.g. the probe-t keys become strings)
         results.append(r)
         if runs_dir is not None:
             r["job_key"] = keys[id(job)]
@@ -171,6 +177,12 @@ def run_all(jobs: list[Job], workers: int, runs_dir: Optional[Path] = None) -> l
         for future in as_completed(futures):
             report(future.result(), futures[future])
     return results
+
+
+def paired_seeds(settings: list[Setting], results: list[dict[str, Any]], seeds: Sequence[int]) -> dict[str, list[int]]:
+    """Per setting, the seeds (in the command's order) whose two arms both finished."""
+    have = {(r["setting"], r["arm"], r["seed"]) for r in results}
+    return {s.name: [seed for seed in seeds if all((s.name, arm, seed) in have for arm in ARMS)] for s in settings}
 
 
 def method_costs(results: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -198,10 +210,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         print(f"{len(jobs)} runs on {args.workers} worker(s): " + "; ".join(
             f"{s.name} {s.steps} steps, evaluations every {s.eval_every}" for s in settings), flush=True)
         start, started_at = time.perf_counter(), time.time()
-        results = run_all(jobs, args.workers, args.runs_dir)
+        if args.finished_only:
+            results, missing = load_finished(jobs, args.runs_dir)
+            print(f"{len(results)} finished run(s) in {args.runs_dir}, {len(missing)} not run yet", flush=True)
+        else:
+            results = run_all(jobs, args.workers, args.runs_dir)
+        paired = paired_seeds(settings, results, args.seeds)
+        settings = [s for s in settings if len(paired[s.name]) >= 2]
+        if not settings:
+            raise SystemExit("no setting has 2 seeds with both arms finished yet")
+        evals = {m: e for m, e in evals.items() if any(s.method == m for s in settings)}
         reference = {m: run_reference(next(s for s in settings if s.method == m), evals[m]) for m in evals}
         document = {
-            "meta": {"seeds": args.seeds, "workers": args.workers, "quick": args.quick, "overrides": args.override,
+            "meta": {"seeds": args.seeds, "paired_seeds": {s.name: paired[s.name] for s in settings},
+                     "complete": all(paired[s.name] == list(args.seeds) for s in make_settings(args)),
+                     "workers": args.workers, "quick": args.quick, "overrides": args.override,
                      "evals": {m: asdict(e) for m, e in evals.items()}, "bootstrap": BOOTSTRAP, "final_of_last": LAST,
                      "fd_frames_per_evaluation": {m: evals[m].fd_samples * r["frames_per_sample"]
                                                   for m, r in reference.items()},
@@ -212,7 +235,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                      "command": " ".join(["python benchmarks/convergence.py",
                                           *(argv if argv is not None else sys.argv[1:])]), **machine()},
             "reference_probes": reference,
-            "settings": {s.name: summarize_setting([r for r in results if r["setting"] == s.name], args.seeds)
+            "settings": {s.name: summarize_setting([r for r in results if r["setting"] == s.name
+                                                    and r["seed"] in paired[s.name]], paired[s.name])
                          for s in settings},
         }
     print(format_table(document), flush=True)

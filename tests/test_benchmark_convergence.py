@@ -110,6 +110,34 @@ def _expected_speedup(steps: list[int], base: list[float], aligned: list[float],
     return None if a is None else b / a
 
 
+def test_runs_dir_keeps_finished_runs_and_reuses_only_matching_ones(common, tmp_path):
+    """--runs-dir: a finished run is reused when its setting, evaluation and overrides match; a seed is
+    reported (--finished-only) only once both of its arms finished."""
+    import convergence
+
+    args = convergence.parse_args(["--method", "repa", "--settings", "unconditional", "--quick", "--seeds", "0", "1",
+                                   "--runs-dir", str(tmp_path), "--finished-only"])
+    (setting,) = convergence.make_settings(args)
+    evals = convergence.evals_for("repa", args)
+    jobs = [convergence.Job(setting, arm, seed, evals, tuple(args.override)) for seed in (0, 1)
+            for arm in ("baseline", "aligned")]
+
+    def record(job, key):
+        return {"setting": job.setting.name, "arm": job.arm, "seed": job.seed, "job_key": key}
+
+    for job in jobs[:3]:  # seed 0 both arms, seed 1 the baseline only
+        convergence.run_path(tmp_path, job).write_text(json.dumps(record(job, convergence.job_key(job))))
+    other = convergence.Job(setting, "aligned", 1, evals, ("repa.lam=2",))  # another command's run, same file name
+    convergence.run_path(tmp_path, other).write_text(json.dumps(record(other, convergence.job_key(other))))
+    done, todo = convergence.load_finished(jobs, tmp_path)
+    assert [(r["arm"], r["seed"]) for r in done] == [("baseline", 0), ("aligned", 0), ("baseline", 1)]
+    assert todo == [jobs[3]]
+    assert convergence.paired_seeds([setting], done, [0, 1]) == {setting.name: [0]}
+    assert convergence.load_finished(jobs, None) == ([], jobs)
+    with pytest.raises(SystemExit):
+        convergence.parse_args(["--finished-only"])  # it reports --runs-dir: the directory must be given
+
+
 @pytest.fixture(scope="module", params=list(SETTINGS))
 def quick(request, tmp_path_factory) -> dict[str, Any]:
     """`--quick --method M` in a subprocess, from a directory outside the repository."""
