@@ -6,7 +6,8 @@ setting's overrides; ``baseline``: the same config without the callback. Same se
 everything: the model's initialisation is seeded by ``model.seed`` inside a forked RNG, the data
 order by the loader's own generator, and the global RNG that draws the training noise, times and
 label dropout is re-seeded with the run's seed at ``on_train_start``, after the callback built its
-projector and teacher (which, until the projector gets its own generator, draw from it). Both arms
+projector and teacher (the package draws nothing from it there, tests/test_ab_pairing.py; the re-seed
+keeps the benchmark paired even if a future teacher did). Both arms
 therefore see the same batches with the same noise; each run records its initial-weight fingerprint
 and first training loss so that this is checked. Evaluation draws only from its own generators and
 precomputed noise, so it does not change the training trajectory.

@@ -20,6 +20,7 @@ def _execute(name: str, cwd: Path, monkeypatch) -> nbformat.NotebookNode:
     for var, sub in (("IPYTHONDIR", "ipython"), ("JUPYTER_RUNTIME_DIR", "jupyter/runtime"),
                      ("JUPYTER_DATA_DIR", "jupyter/data"), ("JUPYTER_CONFIG_DIR", "jupyter/config"),
                      ("MPLCONFIGDIR", "matplotlib")):  # the kernel's own files stay in the test's directory
+        (cwd / ".home" / sub).mkdir(parents=True, exist_ok=True)  # IPython warns when the parent does not exist
         monkeypatch.setenv(var, str(cwd / ".home" / sub))
     before = set(Path(tempfile.gettempdir()).iterdir())
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
