@@ -15,10 +15,12 @@ evaluations, ``b`` the first step the baseline reaches it, ``a`` the first step 
 None if never), with the mean over seeds and a 95 % bootstrap interval; the same for the paired final
 difference (aligned minus baseline). ``convergence_report.py`` prints the table and draws the plot.
 
-    python benchmarks/convergence.py --workers 2 --json docs/convergence.json --plot docs/convergence.png
+    python benchmarks/convergence.py --workers 2 --runs-dir docs/convergence_runs --json docs/convergence.json \\
+        --plot docs/convergence.png --markdown docs/convergence.md      # the committed run: about 5 h on 2 cores
     python benchmarks/convergence.py --method crepa --quick --json /tmp/c.json     # a tiny run, < 3 min
     python benchmarks/convergence.py --method repa --settings unconditional --seeds 0 1 --steps 800 \\
         --override repa.lam=1.0                                 # Hydra overrides of the experiment
+    python benchmarks/convergence.py --runs-dir docs/convergence_runs --finished-only --json /tmp/c.json
     python benchmarks/convergence.py --from-json docs/convergence.json --plot docs/convergence.png
 
 Runs are spread over ``--workers`` processes, one torch (and BLAS) thread each, longest first; the
